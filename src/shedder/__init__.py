@@ -1,0 +1,33 @@
+"""shedder: load shedding for Python web services.
+
+At most ``max_concurrency`` requests run at once, up to ``max_queue`` more wait in order for at
+most ``queue_timeout`` seconds, and the rest are refused at once with :class:`Overloaded`
+(``503 Service Unavailable`` + ``Retry-After`` in the web adapters).
+
+Importing ``shedder`` imports no web framework; the adapters live in ``shedder.asgi``,
+``shedder.wsgi``, ``shedder.starlette``, ``shedder.flask``, ``shedder.client`` and
+``shedder.prometheus``.
+"""
+
+from ._errors import Overloaded, ShedReason
+from ._throttler import (
+    SHED_REASONS,
+    Permit,
+    Throttler,
+    ThrottlerListener,
+    ThrottlerStats,
+    throttlers,
+)
+from ._version import __version__
+
+__all__ = [
+    "SHED_REASONS",
+    "Overloaded",
+    "Permit",
+    "ShedReason",
+    "Throttler",
+    "ThrottlerListener",
+    "ThrottlerStats",
+    "__version__",
+    "throttlers",
+]

@@ -1,0 +1,33 @@
+"""Exceptions raised by shedder."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+__all__ = ["Overloaded", "ShedReason"]
+
+ShedReason = Literal["overloaded", "queue_full", "queue_timeout"]
+"""Why a request was refused: see the admission rules in the README."""
+
+
+class Overloaded(Exception):
+    """A request was refused by a throttler instead of being run.
+
+    ``reason`` is one of ``"overloaded"`` (the house is fuller than ``shed_threshold``),
+    ``"queue_full"`` (no room to wait) or ``"queue_timeout"`` (no slot came within
+    ``queue_timeout``). ``retry_after`` is the whole number of seconds (>= 1) after which the
+    client should try again; adapters send it as the ``Retry-After`` header.
+    """
+
+    __slots__ = ("reason", "retry_after")
+
+    def __init__(self, reason: ShedReason, retry_after: int) -> None:
+        super().__init__(reason, retry_after)
+        self.reason: ShedReason = reason
+        self.retry_after: int = retry_after
+
+    def __str__(self) -> str:
+        return f"request shed ({self.reason}); retry after {self.retry_after} s"
+
+    def __repr__(self) -> str:
+        return f"Overloaded(reason={self.reason!r}, retry_after={self.retry_after})"

@@ -1,0 +1,115 @@
+"""HTTP pieces shared by the ASGI and WSGI adapters: the shed and health responses.
+
+Framework-free: a response is a status, a header list and a body, which each adapter turns
+into its own protocol's messages.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+
+from ._errors import Overloaded
+from ._throttler import Throttler
+
+__all__ = [
+    "DEFAULT_HEALTH_PATH",
+    "HTTPResponse",
+    "ShedResponder",
+    "health_response",
+    "normalize_path_rules",
+    "path_matches",
+    "shed_response",
+]
+
+DEFAULT_HEALTH_PATH = "/health/load"
+
+_REASON_PHRASES = {200: "OK", 429: "Too Many Requests", 503: "Service Unavailable"}
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPResponse:
+    """A complete small response: ``headers`` are latin-1 ``(name, value)`` pairs."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+    @property
+    def status_line(self) -> str:
+        """``"503 Service Unavailable"``: the WSGI ``start_response`` status."""
+        return f"{self.status} {_REASON_PHRASES.get(self.status, '')}".rstrip()
+
+    def without_body(self) -> HTTPResponse:
+        """The same response for a HEAD request: headers kept, content-length included."""
+        return HTTPResponse(self.status, self.headers, b"")
+
+
+ShedResponder = Callable[[Overloaded], HTTPResponse]
+"""Builds the response for a refused request; pass one to an adapter to customise 503s."""
+
+
+def _json_response(
+    status: int, payload: object, extra: Iterable[tuple[str, str]] = ()
+) -> HTTPResponse:
+    body = json.dumps(payload, separators=(",", ":")).encode()
+    headers = (
+        ("content-type", "application/json"),
+        ("content-length", str(len(body))),
+        ("cache-control", "no-store"),
+        *extra,
+    )
+    return HTTPResponse(status, headers, body)
+
+
+def shed_response(refusal: Overloaded, status: int = 503) -> HTTPResponse:
+    """The contract's refusal: ``status`` (503, or 429), ``Retry-After`` and a small JSON body."""
+    return _json_response(
+        status,
+        {"error": "overloaded", "reason": refusal.reason, "retry_after": refusal.retry_after},
+        (("retry-after", str(refusal.retry_after)),),
+    )
+
+
+def health_response(throttlers: Sequence[Throttler]) -> HTTPResponse:
+    """``/health/load``: the first throttler's figures at top level, all under ``throttlers``.
+
+    200 while every throttler is below its ``shed_threshold``, 503 while any one is shedding.
+    """
+    if not throttlers:
+        raise ValueError("health_response needs at least one throttler")
+    snapshots = [t.stats() for t in throttlers]
+    payload = snapshots[0].as_dict()
+    overloaded = any(s.overloaded for s in snapshots)
+    payload["status"] = "overloaded" if overloaded else "ok"
+    if len(snapshots) > 1:
+        payload["throttlers"] = {s.name: s.as_dict() for s in snapshots}
+    return _json_response(503 if overloaded else 200, payload)
+
+
+def normalize_path_rules(exempt: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
+    """Split exemption rules into exact paths and prefixes (rules ending in ``/`` or ``*``).
+
+    ``"/metrics"`` exempts exactly that path; ``"/static/"`` and ``"/static*"`` exempt every
+    path under the prefix. Raises ``ValueError`` for a rule that is not an absolute path.
+    """
+    if isinstance(exempt, str):
+        raise TypeError("exempt must be an iterable of paths, not a single string")
+    exact: set[str] = set()
+    prefixes: list[str] = []
+    for rule in exempt:
+        if not isinstance(rule, str) or not rule.startswith("/"):
+            raise ValueError(f"exempt paths must start with '/', got {rule!r}")
+        if rule.endswith("*"):
+            prefixes.append(rule[:-1])
+        elif rule.endswith("/") and rule != "/":
+            prefixes.append(rule)
+        else:
+            exact.add(rule)
+    return frozenset(exact), tuple(prefixes)
+
+
+def path_matches(path: str, exact: frozenset[str], prefixes: tuple[str, ...]) -> bool:
+    """True if ``path`` is one of ``exact`` or starts with one of ``prefixes``."""
+    return path in exact or (bool(prefixes) and path.startswith(prefixes))

@@ -1,0 +1,566 @@
+"""The throttler: bounded concurrency, a bounded FIFO wait queue and a shed decision.
+
+One instance serves threads and asyncio tasks at once. All state lives behind one
+``threading.Lock`` whose critical sections are a few attribute updates long; nobody ever
+blocks or awaits while holding it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import math
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Mapping
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from time import monotonic
+from types import MappingProxyType, TracebackType
+from typing import Any, Literal
+
+from ._errors import Overloaded, ShedReason
+
+__all__ = [
+    "SHED_REASONS",
+    "Permit",
+    "Throttler",
+    "ThrottlerListener",
+    "ThrottlerStats",
+    "throttlers",
+]
+
+logger = logging.getLogger("shedder")
+
+SHED_REASONS: tuple[ShedReason, ...] = ("overloaded", "queue_full", "queue_timeout")
+
+# Permits taken by ``with throttler:`` / ``async with throttler:``, innermost last. A tuple, never
+# mutated in place: asyncio tasks copy their parent's context, and a shared mutable stack would
+# let one task pop another's permit.
+_held: ContextVar[tuple[Permit, ...]] = ContextVar("shedder_held", default=())
+
+_registry: weakref.WeakValueDictionary[int, Throttler] = weakref.WeakValueDictionary()
+_registry_ids = itertools.count()
+
+
+def throttlers() -> list[Throttler]:
+    """Every live throttler in this process, oldest first (health endpoints report them all)."""
+    return [t for _, t in sorted(_registry.items())]
+
+
+class ThrottlerListener:
+    """Receives a throttler's events; subclass and override what you need.
+
+    Methods are called outside the throttler's lock, on the thread or task that caused the
+    event. An exception raised by a listener is logged and swallowed: observing must never
+    break admission or lose a slot. Times are in seconds.
+    """
+
+    def on_queue(self, throttler: Throttler) -> None:
+        """An arrival found no free slot and started waiting."""
+
+    def on_admit(self, throttler: Throttler, waited: float) -> None:
+        """A request got a slot; ``waited`` is 0.0 on the fast path."""
+
+    def on_shed(self, throttler: Throttler, reason: ShedReason, waited: float) -> None:
+        """A request was refused; ``waited`` > 0 only for ``queue_timeout``."""
+
+    def on_cancel(self, throttler: Throttler, waited: float) -> None:
+        """A waiter gave up (task cancelled, interrupted) before it was admitted."""
+
+    def on_release(self, throttler: Throttler, held: float) -> None:
+        """A slot was given back after being held for ``held`` seconds."""
+
+
+@dataclass(frozen=True, slots=True)
+class ThrottlerStats:
+    """An immutable snapshot of a throttler's state and counters."""
+
+    name: str
+    in_flight: int
+    queued: int
+    max_concurrency: int
+    max_queue: int
+    shed_threshold: float
+    admitted_total: int
+    cancelled_total: int
+    shed_total: Mapping[ShedReason, int] = field(default_factory=dict)
+
+    @property
+    def load(self) -> float:
+        """``(in_flight + queued) / (max_concurrency + max_queue)``: how full the house is."""
+        return (self.in_flight + self.queued) / (self.max_concurrency + self.max_queue)
+
+    @property
+    def overloaded(self) -> bool:
+        """True while ``load >= shed_threshold``: the instance is shedding new arrivals."""
+        return self.load >= self.shed_threshold
+
+    def as_dict(self) -> dict[str, Any]:
+        """The snapshot as plain JSON-ready values (the ``/health/load`` body)."""
+        return {
+            "name": self.name,
+            "status": "overloaded" if self.overloaded else "ok",
+            "in_flight": self.in_flight,
+            "queued": self.queued,
+            "max_concurrency": self.max_concurrency,
+            "max_queue": self.max_queue,
+            "load": round(self.load, 4),
+            "shed_threshold": self.shed_threshold,
+            "admitted_total": self.admitted_total,
+            "cancelled_total": self.cancelled_total,
+            "shed_total": dict(self.shed_total),
+        }
+
+
+class Permit:
+    """A slot held in a throttler; give it back with :meth:`release` (idempotent).
+
+    Also a context manager: ``with throttler.acquire(): ...``.
+    """
+
+    __slots__ = ("_released", "_throttler", "acquired_at", "waited")
+
+    def __init__(self, throttler: Throttler, acquired_at: float, waited: float) -> None:
+        self._throttler = throttler
+        self._released = False
+        self.acquired_at = acquired_at
+        """``time.monotonic()`` when the slot was granted."""
+        self.waited = waited
+        """Seconds spent in the queue before the slot was granted (0.0 on the fast path)."""
+
+    @property
+    def released(self) -> bool:
+        return self._released
+
+    def release(self) -> bool:
+        """Give the slot back (to the next waiter, if any). Returns False if already released."""
+        return self._throttler._release(self)
+
+    def __enter__(self) -> Permit:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return f"<Permit {state} of {self._throttler.name!r}>"
+
+
+class _ThreadWaiter:
+    """A waiting thread: blocks on a lock that the granting thread releases."""
+
+    __slots__ = ("granted", "lock")
+
+    def __init__(self) -> None:
+        self.granted = False
+        self.lock = threading.Lock()
+        self.lock.acquire()
+
+    def grant(self) -> bool:
+        self.granted = True
+        self.lock.release()
+        return True
+
+
+class _AsyncWaiter:
+    """A waiting task: awaits a future of its own loop, resolved from whichever thread frees."""
+
+    __slots__ = ("future", "granted", "loop", "thread_id")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.granted = False
+        self.loop = loop
+        self.future: asyncio.Future[None] = loop.create_future()
+        self.thread_id = threading.get_ident()
+
+    def grant(self) -> bool:
+        if threading.get_ident() == self.thread_id:
+            # On the loop's own thread: resolving directly is safe and saves a wake-up.
+            _resolve(self.future)
+        else:
+            try:
+                self.loop.call_soon_threadsafe(_resolve, self.future)
+            except RuntimeError:
+                # The loop is closed: this waiter can never run, so the slot must go elsewhere.
+                return False
+        self.granted = True
+        return True
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
+
+
+_Waiter = _ThreadWaiter | _AsyncWaiter
+
+
+def _check_int(name: str, value: object, minimum: int) -> int:
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_seconds(name: str, value: object) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__} {value!r}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be >= 0 seconds, got {value}")
+    return float(value)
+
+
+class Throttler:
+    """At most ``max_concurrency`` holders at once, up to ``max_queue`` more waiting in order.
+
+    Args:
+        max_concurrency: slots; requests that may run at once (>= 1).
+        max_queue: how many more may wait for a slot (>= 0). Defaults to ``max_concurrency``.
+        queue_timeout: longest wait for a slot, in seconds (>= 0; ``math.inf`` for no limit).
+        shed_threshold: refuse at once, with reason ``"overloaded"``, an arrival that would have
+            to wait while ``load >= shed_threshold`` (0 < t <= 1; 1.0 sheds only on a full queue
+            or a timeout).
+        retry_after: seconds a refused client should wait (int >= 1), or ``"auto"`` to estimate
+            the time the current backlog takes to drain from the observed service time, clamped
+            to ``retry_after_range``.
+        retry_after_range: ``(low, high)`` bounds in whole seconds for ``"auto"``.
+        name: label for metrics and health reports.
+
+    Raises ``TypeError``/``ValueError`` naming the parameter for a bad configuration.
+    Refusals raise :class:`shedder.Overloaded`.
+
+    Invariant, under ``_lock``: ``bool(_waiters)`` implies ``_in_flight == max_concurrency``: a
+    freed slot goes straight to the oldest waiter, so nobody waits while a slot is free. A slot
+    granted to a waiter is counted in ``_in_flight`` from the moment of the grant.
+    """
+
+    def __init__(
+        self,
+        max_concurrency: int,
+        max_queue: int | None = None,
+        queue_timeout: float = 1.0,
+        shed_threshold: float = 1.0,
+        retry_after: int | Literal["auto"] = 1,
+        *,
+        retry_after_range: tuple[int, int] = (1, 60),
+        name: str = "default",
+    ) -> None:
+        self._max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
+        self._max_queue = (
+            self._max_concurrency if max_queue is None else _check_int("max_queue", max_queue, 0)
+        )
+        self._queue_timeout = _check_seconds("queue_timeout", queue_timeout)
+        if not isinstance(shed_threshold, (int, float)) or isinstance(shed_threshold, bool):
+            raise TypeError(f"shed_threshold must be a number, got {shed_threshold!r}")
+        if not 0.0 < shed_threshold <= 1.0:
+            raise ValueError(f"shed_threshold must be in (0, 1], got {shed_threshold}")
+        self._shed_threshold = float(shed_threshold)
+        if (
+            not isinstance(retry_after_range, tuple)
+            or len(retry_after_range) != 2
+            or not all(isinstance(v, int) and not isinstance(v, bool) for v in retry_after_range)
+        ):
+            raise TypeError(
+                f"retry_after_range must be a (low, high) pair of ints, got {retry_after_range!r}"
+            )
+        low, high = retry_after_range
+        _check_int("retry_after_range low", low, 1)
+        if high < low:
+            raise ValueError(f"retry_after_range high must be >= low ({low}), got {high}")
+        self._retry_after_range = (low, high)
+        self._retry_after_fixed: int | None
+        if retry_after == "auto":
+            self._retry_after_fixed = None
+        else:
+            self._retry_after_fixed = _check_int("retry_after", retry_after, 1)
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"name must be a non-empty string, got {name!r}")
+        self.name = name
+
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._waiters: OrderedDict[_Waiter, None] = OrderedDict()
+        self._admitted = 0
+        self._cancelled = 0
+        self._shed: dict[ShedReason, int] = dict.fromkeys(SHED_REASONS, 0)
+        self._mean_hold = 0.0  # EWMA of slot hold times, seconds; feeds retry_after="auto"
+        self._listeners: tuple[ThrottlerListener, ...] = ()
+        _registry[next(_registry_ids)] = self
+
+    # -- configuration -------------------------------------------------------------------------
+
+    @property
+    def max_concurrency(self) -> int:
+        return self._max_concurrency
+
+    @property
+    def max_queue(self) -> int:
+        return self._max_queue
+
+    @property
+    def queue_timeout(self) -> float:
+        return self._queue_timeout
+
+    @property
+    def shed_threshold(self) -> float:
+        return self._shed_threshold
+
+    def add_listener(self, listener: ThrottlerListener) -> None:
+        """Subscribe ``listener`` to this throttler's events (metrics, logging, tracing)."""
+        with self._lock:
+            self._listeners = (*self._listeners, listener)
+
+    def remove_listener(self, listener: ThrottlerListener) -> None:
+        """Unsubscribe ``listener``; ``ValueError`` if it was not subscribed."""
+        with self._lock:
+            listeners = list(self._listeners)
+            listeners.remove(listener)
+            self._listeners = tuple(listeners)
+
+    # -- state ---------------------------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiters)
+
+    def stats(self) -> ThrottlerStats:
+        """A consistent, immutable snapshot of the state and counters."""
+        with self._lock:
+            return ThrottlerStats(
+                name=self.name,
+                in_flight=self._in_flight,
+                queued=len(self._waiters),
+                max_concurrency=self._max_concurrency,
+                max_queue=self._max_queue,
+                shed_threshold=self._shed_threshold,
+                admitted_total=self._admitted,
+                cancelled_total=self._cancelled,
+                shed_total=MappingProxyType(dict(self._shed)),
+            )
+
+    def __repr__(self) -> str:
+        return (
+            f"<Throttler {self.name!r} in_flight={self._in_flight}/{self._max_concurrency}"
+            f" queued={len(self._waiters)}/{self._max_queue}>"
+        )
+
+    # -- acquiring -----------------------------------------------------------------------------
+
+    def acquire(self, timeout: float | None = None) -> Permit:
+        """Take a slot, blocking this thread in the queue if needed.
+
+        ``timeout`` overrides ``queue_timeout`` for this call. Raises :class:`Overloaded` when
+        refused. Release the returned permit exactly once (``with`` does it for you).
+        """
+        wait_for = self._queue_timeout if timeout is None else _check_seconds("timeout", timeout)
+        now = monotonic()
+        with self._lock:
+            if self._in_flight < self._max_concurrency and not self._waiters:
+                self._in_flight += 1
+                self._admitted += 1
+                if not self._listeners:
+                    return Permit(self, now, 0.0)
+                refusal = waiter = None
+            else:
+                waiter = None
+                refusal = self._refusal_locked()
+                if refusal is None:
+                    waiter = _ThreadWaiter()
+                    self._waiters[waiter] = None
+        if waiter is None:
+            return self._admitted_at_once(refusal, now)
+        self._notify("on_queue")
+        try:
+            waiter.lock.acquire(True, -1 if wait_for > threading.TIMEOUT_MAX else wait_for)
+        except BaseException:
+            self._abandon(waiter, now)
+            raise
+        return self._after_wait(waiter, now)
+
+    async def acquire_async(self, timeout: float | None = None) -> Permit:
+        """Take a slot, awaiting in the queue if needed; same rules as :meth:`acquire`.
+
+        Cancelling the awaiting task removes it from the queue at once; a slot that was handed to
+        it at the same instant passes to the next waiter.
+        """
+        wait_for = self._queue_timeout if timeout is None else _check_seconds("timeout", timeout)
+        now = monotonic()
+        with self._lock:
+            if self._in_flight < self._max_concurrency and not self._waiters:
+                self._in_flight += 1
+                self._admitted += 1
+                if not self._listeners:
+                    return Permit(self, now, 0.0)
+                refusal = waiter = None
+            else:
+                waiter = None
+                refusal = self._refusal_locked()
+                if refusal is None:
+                    waiter = _AsyncWaiter(asyncio.get_running_loop())
+                    self._waiters[waiter] = None
+        if waiter is None:
+            return self._admitted_at_once(refusal, now)
+        self._notify("on_queue")
+        expiry = (
+            waiter.loop.call_later(wait_for, _resolve, waiter.future)
+            if wait_for != math.inf
+            else None
+        )
+        try:
+            await waiter.future
+        except BaseException:
+            self._abandon(waiter, now)
+            raise
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+        return self._after_wait(waiter, now)
+
+    def _refusal_locked(self) -> Overloaded | None:
+        """No free slot: the refusal for a new arrival, or None if it may wait."""
+        queued = len(self._waiters)
+        reason: ShedReason
+        if queued >= self._max_queue:
+            reason = "queue_full"
+        elif (self._in_flight + queued) / (
+            self._max_concurrency + self._max_queue
+        ) >= self._shed_threshold:
+            reason = "overloaded"
+        else:
+            return None
+        self._shed[reason] += 1
+        return Overloaded(reason, self._retry_after_locked())
+
+    def _admitted_at_once(self, refusal: Overloaded | None, now: float) -> Permit:
+        """Finish an arrival that did not queue: tell the listeners, then admit or refuse."""
+        if refusal is not None:
+            self._notify_shed(refusal, 0.0)
+            raise refusal
+        self._notify("on_admit", 0.0)
+        return Permit(self, now, 0.0)
+
+    def _after_wait(self, waiter: _Waiter, started: float) -> Permit:
+        """The waiter woke (granted or timed out); settle which under the lock."""
+        now = monotonic()
+        waited = now - started
+        with self._lock:
+            if waiter.granted:
+                self._admitted += 1
+                permit = Permit(self, now, waited)
+                refusal = None
+            else:
+                # Timed out. Not granted means still queued: grants remove the waiter first.
+                del self._waiters[waiter]
+                self._shed["queue_timeout"] += 1
+                refusal = Overloaded("queue_timeout", self._retry_after_locked())
+        if refusal is not None:
+            self._notify_shed(refusal, waited)
+            raise refusal
+        self._notify("on_admit", waited)
+        return permit
+
+    def _abandon(self, waiter: _Waiter, started: float) -> None:
+        """The waiter gave up (cancelled, interrupted); leave the queue, passing on any grant."""
+        with self._lock:
+            self._cancelled += 1
+            if waiter.granted:
+                self._pass_slot_on_locked()
+            else:
+                # Normally still queued; a waiter skipped because its loop closed is not.
+                self._waiters.pop(waiter, None)
+        self._notify("on_cancel", monotonic() - started)
+
+    # -- releasing -----------------------------------------------------------------------------
+
+    def _release(self, permit: Permit) -> bool:
+        now = monotonic()
+        with self._lock:
+            if permit._released:
+                return False
+            permit._released = True
+            held = now - permit.acquired_at
+            self._mean_hold += 0.1 * (held - self._mean_hold) if self._mean_hold else held
+            self._pass_slot_on_locked()
+            listeners = self._listeners
+        if listeners:
+            self._notify("on_release", held)
+        return True
+
+    def _pass_slot_on_locked(self) -> None:
+        """Hand a freed slot to the oldest live waiter, or return it to the pool."""
+        waiters = self._waiters
+        while waiters:
+            waiter, _ = waiters.popitem(last=False)
+            if waiter.grant():
+                return
+        self._in_flight -= 1
+
+    def _retry_after_locked(self) -> int:
+        if self._retry_after_fixed is not None:
+            return self._retry_after_fixed
+        low, high = self._retry_after_range
+        backlog = self._in_flight + len(self._waiters) + 1
+        drain = backlog * self._mean_hold / self._max_concurrency
+        return min(max(math.ceil(drain), low), high)
+
+    # -- context managers ----------------------------------------------------------------------
+
+    def __enter__(self) -> Permit:
+        permit = self.acquire()
+        _held.set((*_held.get(), permit))
+        return permit
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._pop_held().release()
+
+    async def __aenter__(self) -> Permit:
+        permit = await self.acquire_async()
+        _held.set((*_held.get(), permit))
+        return permit
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._pop_held().release()
+
+    def _pop_held(self) -> Permit:
+        held = _held.get()
+        if not held or held[-1]._throttler is not self:
+            raise RuntimeError(f"{self!r} exited without a matching enter in this context")
+        _held.set(held[:-1])
+        return held[-1]
+
+    # -- listeners -----------------------------------------------------------------------------
+
+    def _notify(self, event: str, *args: Any) -> None:
+        for listener in self._listeners:
+            try:
+                getattr(listener, event)(self, *args)
+            except Exception:
+                logger.exception("shedder listener %r failed in %s", listener, event)
+
+    def _notify_shed(self, refusal: Overloaded, waited: float) -> None:
+        if self._listeners:
+            self._notify("on_shed", refusal.reason, waited)
