@@ -476,3 +476,34 @@ async def test_waiter_on_closed_loop_is_skipped() -> None:
     assert throttler.in_flight == 1
     permit.release()
     assert throttler.in_flight == 0
+
+
+async def test_readme_worked_example() -> None:
+    """The worked example of the README's admission rules, step by step."""
+    throttler = Throttler(max_concurrency=4, max_queue=4, shed_threshold=0.75, queue_timeout=10)
+    running = [await throttler.acquire_async() for _ in range(4)]
+    waiting = [asyncio.create_task(throttler.acquire_async()) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert throttler.stats().load == 6 / 8
+    with pytest.raises(Overloaded) as info:
+        await throttler.acquire_async()
+    assert info.value.reason == "overloaded"
+    running[0].release()
+    fifth = await waiting[0]
+    assert throttler.stats().load == 5 / 8
+    for permit in [fifth, *running[1:]]:
+        permit.release()
+    (await waiting[1]).release()
+
+    lenient = Throttler(max_concurrency=4, max_queue=4, shed_threshold=1.0, queue_timeout=10)
+    running = [await lenient.acquire_async() for _ in range(4)]
+    waiting = [asyncio.create_task(lenient.acquire_async()) for _ in range(4)]
+    await asyncio.sleep(0)
+    with pytest.raises(Overloaded) as info:
+        await lenient.acquire_async()
+    assert info.value.reason == "queue_full"
+    for permit in running:
+        permit.release()
+    for permit in await asyncio.gather(*waiting):
+        permit.release()
+    assert lenient.stats().in_flight == 0
