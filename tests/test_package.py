@@ -1,0 +1,35 @@
+"""Packaging promises: the core imports no optional dependency, the public API is complete."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import shedder
+
+OPTIONAL = ("starlette", "flask", "httpx", "prometheus_client", "fastapi", "werkzeug", "anyio")
+
+
+def test_import_shedder_imports_no_optional_dependency() -> None:
+    code = (
+        "import sys, shedder\n"
+        f"loaded = sorted(m for m in sys.modules if m.split('.')[0] in {OPTIONAL!r})\n"
+        "print(','.join(loaded))"
+    )
+    src = str(Path(shedder.__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": src},
+    )
+    assert result.stdout.strip() == ""
+
+
+def test_public_api_is_exported_and_typed() -> None:
+    for name in shedder.__all__:
+        assert hasattr(shedder, name), name
+    assert (Path(shedder.__file__).parent / "py.typed").is_file()
+    assert shedder.__version__
