@@ -1,0 +1,52 @@
+"""The ASGI target: ``uvicorn shedder._demo.asgi_app:app`` (settings from the environment).
+
+``GET /ready`` answers at once (readiness probe); every other path holds one of ``pool``
+connections of a simulated database (an :class:`asyncio.Semaphore`) for ``hold_ms``. A raw ASGI
+app rather than a framework one, so that the benchmark measures the server and the shedding,
+not routing.
+"""
+
+from __future__ import annotations
+
+import importlib
+import asyncio
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from .settings import AppSettings
+
+__all__ = ["app", "make_app"]
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+_HEADERS = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+
+
+def make_app(settings: AppSettings) -> ASGIApp:
+    """The bare app, wrapped in shedder's ASGI middleware when ``settings.shedder`` is set."""
+    hold = settings.hold_ms / 1000.0
+    database = asyncio.Semaphore(settings.pool)  # binds to the serving loop on first use
+
+    async def bare(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/ready":
+            async with database:
+                await asyncio.sleep(hold)
+        await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    if not settings.shedder:
+        return bare
+    # Imported by name: the adapters are optional here and the bare variant never needs them.
+    middleware = importlib.import_module("shedder.asgi").LoadSheddingMiddleware
+
+    shedded: ASGIApp = middleware(bare, exempt=["/ready"], **settings.shedder)
+    return shedded
+
+
+app = make_app(AppSettings.from_env())

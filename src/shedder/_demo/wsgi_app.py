@@ -1,0 +1,45 @@
+"""The WSGI target: ``gunicorn -k gthread shedder._demo.wsgi_app:app`` (settings from the env).
+
+A Flask app: ``GET /ready`` answers at once; ``GET /`` holds one of ``pool`` connections of a
+simulated database (a :class:`threading.Semaphore`) for ``hold_ms``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+import time
+from typing import Any
+
+from flask import Flask
+
+from .settings import AppSettings
+
+__all__ = ["app", "make_app"]
+
+
+def make_app(settings: AppSettings) -> Any:
+    """The Flask app, wrapped in shedder's WSGI middleware when ``settings.shedder`` is set."""
+    hold = settings.hold_ms / 1000.0
+    database = threading.Semaphore(settings.pool)
+    flask_app = Flask("shedder_demo")
+
+    @flask_app.get("/ready")
+    def ready() -> str:
+        return "ok"
+
+    @flask_app.get("/")
+    def work() -> str:
+        with database:
+            time.sleep(hold)
+        return "ok"
+
+    if not settings.shedder:
+        return flask_app
+    # Imported by name: the adapters are optional here and the bare variant never needs them.
+    middleware = importlib.import_module("shedder.wsgi").LoadSheddingMiddleware
+
+    return middleware(flask_app, exempt=["/ready"], **settings.shedder)
+
+
+app = make_app(AppSettings.from_env())
