@@ -8,8 +8,8 @@ not routing.
 
 from __future__ import annotations
 
-import importlib
 import asyncio
+import importlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
