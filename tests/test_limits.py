@@ -199,3 +199,14 @@ def test_every_algorithm_is_stable_at_a_steady_overload(make_limit: object) -> N
     # Never collapses to nothing nor runs away to its maximum.
     assert min(late) >= 1
     assert max(late) <= 60
+
+
+def test_a_drop_counts_in_the_round_but_not_as_latency() -> None:
+    vegas = VegasLimit(4, probe_interval=10_000)
+    feed_round(vegas, 0.020, 4)  # 4 -> 10 (no queue: +6)
+    assert vegas.limit == 10
+    for _ in range(9):
+        vegas.update(0.020, 10, False)
+    # The round's last sample is a 5 s queue timeout: a drop (-1), not a 5 s latency.
+    assert vegas.update(5.0, 10, True) == 9
+    assert vegas.rtt_noload == 0.020

@@ -49,8 +49,8 @@ class Limit:
 
     Samples are gathered over one round (about ``limit`` completions, the time every slot takes
     to turn over once, like a TCP round trip) and the algorithm runs once per round on the
-    round's mean RTT, its highest in-flight count and whether anything was dropped: reacting to
-    every sample overshoots, because a change of limit shows in latency only a round later.
+    round's mean RTT (over the samples that were not drops; 0.0 if none), its highest in-flight
+    count and whether anything was dropped: reacting to every sample overshoots, because a change of limit shows in latency only a round later.
 
     Subclasses override :meth:`_adjust`. One instance belongs to one throttler, which calls
     :meth:`update` under its lock; do not share an instance between throttlers.
@@ -60,6 +60,7 @@ class Limit:
         self.limit = initial
         """The current concurrency limit (int >= 1)."""
         self._round_samples = 0
+        self._round_rtt_samples = 0
         self._round_rtt = 0.0
         self._round_in_flight = 0
         self._round_dropped = False
@@ -71,13 +72,18 @@ class Limit:
         the requests in flight when it finished, ``dropped`` True for a queue timeout.
         """
         self._round_samples += 1
-        self._round_rtt += rtt
         self._round_in_flight = max(self._round_in_flight, in_flight)
-        self._round_dropped |= dropped
+        if dropped:
+            # A drop's time is a queue wait, not a service time: it counts, but not as latency.
+            self._round_dropped = True
+        else:
+            self._round_rtt_samples += 1
+            self._round_rtt += rtt
         if self._round_samples >= self.limit:
-            mean_rtt = self._round_rtt / self._round_samples
+            measured = self._round_rtt_samples
+            mean_rtt = self._round_rtt / measured if measured else 0.0
             self.limit = max(1, self._adjust(mean_rtt, self._round_in_flight, self._round_dropped))
-            self._round_samples = self._round_in_flight = 0
+            self._round_samples = self._round_rtt_samples = self._round_in_flight = 0
             self._round_rtt = 0.0
             self._round_dropped = False
         return self.limit
@@ -204,7 +210,7 @@ class VegasLimit(Limit):
         return self.limit
 
     def _adjust(self, rtt: float, in_flight: int, dropped: bool) -> int:
-        if rtt <= 0 or self.rtt_noload <= 0:
+        if not dropped and (rtt <= 0 or self.rtt_noload <= 0):
             return self.limit
         self._rounds_to_probe -= 1
         if self._rounds_to_probe <= 0:
@@ -213,7 +219,7 @@ class VegasLimit(Limit):
             return max(1, min(self.probe_limit, self.limit))
         estimate = self.estimate
         step = _log10_root(estimate)
-        queue = math.ceil(estimate * (1 - self.rtt_noload / rtt))
+        queue = math.ceil(estimate * (1 - self.rtt_noload / rtt)) if rtt > 0 else 0
         if dropped:
             target = estimate - step
         elif in_flight * 2 < estimate:
