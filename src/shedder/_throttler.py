@@ -14,14 +14,15 @@ import math
 import threading
 import weakref
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from time import monotonic
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal
+from typing import Any, Final, Literal
 
 from ._errors import Overloaded, ShedReason
+from ._limits import Limit
 
 __all__ = [
     "SHED_REASONS",
@@ -155,34 +156,40 @@ class Permit:
         return f"<Permit {state} of {self._throttler.name!r}>"
 
 
-class _ThreadWaiter:
-    """A waiting thread: blocks on a lock that the granting thread releases."""
+_GRANTED: Final = "granted"
+_Outcome = Literal["granted", "overloaded", "queue_full", "queue_timeout"] | None
 
-    __slots__ = ("granted", "lock")
+
+class _ThreadWaiter:
+    """A waiting thread: blocks on a lock that the deciding thread releases."""
+
+    __slots__ = ("lock", "outcome")
 
     def __init__(self) -> None:
-        self.granted = False
+        self.outcome: _Outcome = None
         self.lock = threading.Lock()
         self.lock.acquire()
 
-    def grant(self) -> bool:
-        self.granted = True
+    def wake(self, outcome: _Outcome) -> bool:
+        """Settle the wait (a grant or a refusal) and wake the thread; always succeeds."""
+        self.outcome = outcome
         self.lock.release()
         return True
 
 
 class _AsyncWaiter:
-    """A waiting task: awaits a future of its own loop, resolved from whichever thread frees."""
+    """A waiting task: awaits a future of its own loop, resolved from whichever thread decides."""
 
-    __slots__ = ("future", "granted", "loop", "thread_id")
+    __slots__ = ("future", "loop", "outcome", "thread_id")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.granted = False
+        self.outcome: _Outcome = None
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
         self.thread_id = threading.get_ident()
 
-    def grant(self) -> bool:
+    def wake(self, outcome: _Outcome) -> bool:
+        """Settle the wait and wake the task; False if its loop is closed (it can never run)."""
         if threading.get_ident() == self.thread_id:
             # On the loop's own thread: resolving directly is safe and saves a wake-up.
             _resolve(self.future)
@@ -190,9 +197,8 @@ class _AsyncWaiter:
             try:
                 self.loop.call_soon_threadsafe(_resolve, self.future)
             except RuntimeError:
-                # The loop is closed: this waiter can never run, so the slot must go elsewhere.
                 return False
-        self.granted = True
+        self.outcome = outcome
         return True
 
 
@@ -220,12 +226,17 @@ def _check_seconds(name: str, value: object) -> float:
     return float(value)
 
 
+QueueDiscipline = Literal["fifo", "lifo", "codel"]
+_DISCIPLINES: tuple[QueueDiscipline, ...] = ("fifo", "lifo", "codel")
+
+
 class Throttler:
     """At most ``max_concurrency`` holders at once, up to ``max_queue`` more waiting in order.
 
     Args:
-        max_concurrency: slots; requests that may run at once (>= 1).
-        max_queue: how many more may wait for a slot (>= 0). Defaults to ``max_concurrency``.
+        max_concurrency: slots: requests that may run at once (int >= 1), or a
+            :class:`shedder.limits.Limit` algorithm that learns the limit from latency.
+        max_queue: how many more may wait for a slot (>= 0). Defaults to the (initial) limit.
         queue_timeout: longest wait for a slot, in seconds (>= 0; ``math.inf`` for no limit).
         shed_threshold: refuse at once, with reason ``"overloaded"``, an arrival that would have
             to wait while ``load >= shed_threshold`` (0 < t <= 1; 1.0 sheds only on a full queue
@@ -234,28 +245,46 @@ class Throttler:
             the time the current backlog takes to drain from the observed service time, clamped
             to ``retry_after_range``.
         retry_after_range: ``(low, high)`` bounds in whole seconds for ``"auto"``.
+        queue_discipline: ``"fifo"`` (default): first come, first served, a full queue refuses
+            the arrival. ``"lifo"``: newest first, a full queue refuses its oldest waiter.
+            ``"codel"``: FIFO while the queue keeps emptying; once it has not been empty for
+            ``codel_interval`` seconds, new waiters may wait only ``codel_target`` seconds and
+            are served newest first, so a standing queue cannot form.
+        codel_target: seconds; the wait allowed while a standing queue is detected.
+        codel_interval: seconds the queue must stay non-empty to count as standing.
         name: label for metrics and health reports.
+        clock: monotonic clock in seconds (for simulations; waiting always uses real time).
 
     Raises ``TypeError``/``ValueError`` naming the parameter for a bad configuration.
     Refusals raise :class:`shedder.Overloaded`.
 
-    Invariant, under ``_lock``: ``bool(_waiters)`` implies ``_in_flight == max_concurrency``: a
-    freed slot goes straight to the oldest waiter, so nobody waits while a slot is free. A slot
-    granted to a waiter is counted in ``_in_flight`` from the moment of the grant.
+    Invariant, under ``_lock``: ``bool(_waiters)`` implies ``_in_flight >= limit``: a freed slot
+    goes straight to a waiter, so nobody waits while a slot is free. A slot granted to a waiter
+    is counted in ``_in_flight`` from the moment of the grant.
     """
 
     def __init__(
         self,
-        max_concurrency: int,
+        max_concurrency: int | Limit,
         max_queue: int | None = None,
         queue_timeout: float = 1.0,
         shed_threshold: float = 1.0,
         retry_after: int | Literal["auto"] = 1,
         *,
         retry_after_range: tuple[int, int] = (1, 60),
+        queue_discipline: QueueDiscipline = "fifo",
+        codel_target: float = 0.005,
+        codel_interval: float = 0.1,
         name: str = "default",
+        clock: Callable[[], float] = monotonic,
     ) -> None:
-        self._max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
+        self._limit: Limit | None
+        if isinstance(max_concurrency, Limit):
+            self._limit = max_concurrency
+            self._max_concurrency = _check_int("max_concurrency", max_concurrency.limit, 1)
+        else:
+            self._limit = None
+            self._max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
         self._max_queue = (
             self._max_concurrency if max_queue is None else _check_int("max_queue", max_queue, 0)
         )
@@ -283,13 +312,21 @@ class Throttler:
             self._retry_after_fixed = None
         else:
             self._retry_after_fixed = _check_int("retry_after", retry_after, 1)
+        if queue_discipline not in _DISCIPLINES:
+            choices = ", ".join(_DISCIPLINES)
+            raise ValueError(f"queue_discipline must be one of {choices}, got {queue_discipline!r}")
+        self._discipline = queue_discipline
+        self._codel_target = _check_seconds("codel_target", codel_target)
+        self._codel_interval = _check_seconds("codel_interval", codel_interval)
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.name = name
+        self._clock = clock
 
         self._lock = threading.Lock()
         self._in_flight = 0
         self._waiters: OrderedDict[_Waiter, None] = OrderedDict()
+        self._queue_busy_since = 0.0  # when the queue last went from empty to non-empty
         self._admitted = 0
         self._cancelled = 0
         self._shed: dict[ShedReason, int] = dict.fromkeys(SHED_REASONS, 0)
@@ -301,7 +338,13 @@ class Throttler:
 
     @property
     def max_concurrency(self) -> int:
+        """The current concurrency limit (it moves when a limit algorithm is in use)."""
         return self._max_concurrency
+
+    @property
+    def limit_algorithm(self) -> Limit | None:
+        """The :class:`shedder.limits.Limit` in use, or None for a fixed limit."""
+        return self._limit
 
     @property
     def max_queue(self) -> int:
@@ -314,6 +357,10 @@ class Throttler:
     @property
     def shed_threshold(self) -> float:
         return self._shed_threshold
+
+    @property
+    def queue_discipline(self) -> QueueDiscipline:
+        return self._discipline
 
     def add_listener(self, listener: ThrottlerListener) -> None:
         """Subscribe ``listener`` to this throttler's events (metrics, logging, tracing)."""
@@ -367,23 +414,23 @@ class Throttler:
         refused. Release the returned permit exactly once (``with`` does it for you).
         """
         wait_for = self._queue_timeout if timeout is None else _check_seconds("timeout", timeout)
-        now = monotonic()
+        now = self._clock()
         with self._lock:
             if self._in_flight < self._max_concurrency and not self._waiters:
                 self._in_flight += 1
                 self._admitted += 1
                 if not self._listeners:
                     return Permit(self, now, 0.0)
-                refusal = waiter = None
+                refusal = waiter = evicted = None
             else:
                 waiter = None
-                refusal = self._refusal_locked()
+                refusal, evicted, wait_for = self._admission_locked(now, wait_for)
                 if refusal is None:
                     waiter = _ThreadWaiter()
                     self._waiters[waiter] = None
         if waiter is None:
             return self._admitted_at_once(refusal, now)
-        self._notify("on_queue")
+        self._queued(evicted)
         try:
             waiter.lock.acquire(True, -1 if wait_for > threading.TIMEOUT_MAX else wait_for)
         except BaseException:
@@ -398,23 +445,23 @@ class Throttler:
         it at the same instant passes to the next waiter.
         """
         wait_for = self._queue_timeout if timeout is None else _check_seconds("timeout", timeout)
-        now = monotonic()
+        now = self._clock()
         with self._lock:
             if self._in_flight < self._max_concurrency and not self._waiters:
                 self._in_flight += 1
                 self._admitted += 1
                 if not self._listeners:
                     return Permit(self, now, 0.0)
-                refusal = waiter = None
+                refusal = waiter = evicted = None
             else:
                 waiter = None
-                refusal = self._refusal_locked()
+                refusal, evicted, wait_for = self._admission_locked(now, wait_for)
                 if refusal is None:
                     waiter = _AsyncWaiter(asyncio.get_running_loop())
                     self._waiters[waiter] = None
         if waiter is None:
             return self._admitted_at_once(refusal, now)
-        self._notify("on_queue")
+        self._queued(evicted)
         expiry = (
             waiter.loop.call_later(wait_for, _resolve, waiter.future)
             if wait_for != math.inf
@@ -430,20 +477,45 @@ class Throttler:
                 expiry.cancel()
         return self._after_wait(waiter, now)
 
-    def _refusal_locked(self) -> Overloaded | None:
-        """No free slot: the refusal for a new arrival, or None if it may wait."""
-        queued = len(self._waiters)
+    def _admission_locked(
+        self, now: float, wait_for: float
+    ) -> tuple[Overloaded | None, Overloaded | None, float]:
+        """No free slot: decide between refusing the arrival and letting it wait.
+
+        Returns the arrival's refusal (or None: it may queue), the refusal of an older waiter
+        evicted to make room for it (LIFO, or CoDel with a standing queue), and how long it may
+        wait. The caller enqueues the arrival.
+        """
+        waiters = self._waiters
+        queued = len(waiters)
+        evicted: Overloaded | None = None
+        if not waiters:
+            self._queue_busy_since = now
+        lifo = self._discipline == "lifo"
+        if self._discipline == "codel" and now - self._queue_busy_since >= self._codel_interval:
+            # A standing queue: short waits, newest first.
+            wait_for = min(wait_for, self._codel_target)
+            lifo = True
         reason: ShedReason
         if queued >= self._max_queue:
-            reason = "queue_full"
+            if not (lifo and waiters):
+                reason = "queue_full"
+            else:
+                oldest = next(iter(waiters))
+                del waiters[oldest]
+                self._shed["queue_full"] += 1
+                evicted = Overloaded("queue_full", self._retry_after_locked())
+                if not oldest.wake("queue_full"):
+                    evicted = None  # its loop is gone: nobody to tell
+                return None, evicted, wait_for
         elif (self._in_flight + queued) / (
             self._max_concurrency + self._max_queue
         ) >= self._shed_threshold:
             reason = "overloaded"
         else:
-            return None
+            return None, None, wait_for
         self._shed[reason] += 1
-        return Overloaded(reason, self._retry_after_locked())
+        return Overloaded(reason, self._retry_after_locked()), None, wait_for
 
     def _admitted_at_once(self, refusal: Overloaded | None, now: float) -> Permit:
         """Finish an arrival that did not queue: tell the listeners, then admit or refuse."""
@@ -453,21 +525,33 @@ class Throttler:
         self._notify("on_admit", 0.0)
         return Permit(self, now, 0.0)
 
+    def _queued(self, evicted: Overloaded | None) -> None:
+        """Tell the listeners an arrival queued (and, for LIFO, whom it pushed out)."""
+        if self._listeners:
+            if evicted is not None:
+                self._notify_shed(evicted, 0.0)
+            self._notify("on_queue")
+
     def _after_wait(self, waiter: _Waiter, started: float) -> Permit:
-        """The waiter woke (granted or timed out); settle which under the lock."""
-        now = monotonic()
+        """The waiter woke (granted, refused or timed out); settle which under the lock."""
+        now = self._clock()
         waited = now - started
         with self._lock:
-            if waiter.granted:
+            outcome = waiter.outcome
+            if outcome == _GRANTED:
                 self._admitted += 1
                 permit = Permit(self, now, waited)
-                refusal = None
-            else:
-                # Timed out. Not granted means still queued: grants remove the waiter first.
+            elif outcome is None:
+                # Timed out. Still queued: grants and evictions remove the waiter first.
                 del self._waiters[waiter]
                 self._shed["queue_timeout"] += 1
                 refusal = Overloaded("queue_timeout", self._retry_after_locked())
-        if refusal is not None:
+                if self._limit is not None:
+                    self._relimit_locked(self._limit.update(waited, self._in_flight, True))
+            else:
+                # Evicted by a newer arrival, which counted it and told the listeners.
+                raise Overloaded(outcome, self._retry_after_locked())
+        if outcome is None:
             self._notify_shed(refusal, waited)
             raise refusal
         self._notify("on_admit", waited)
@@ -476,38 +560,54 @@ class Throttler:
     def _abandon(self, waiter: _Waiter, started: float) -> None:
         """The waiter gave up (cancelled, interrupted); leave the queue, passing on any grant."""
         with self._lock:
-            self._cancelled += 1
-            if waiter.granted:
-                self._pass_slot_on_locked()
-            else:
+            outcome = waiter.outcome
+            if outcome == _GRANTED:
+                self._in_flight -= 1
+                self._fill_slots_locked()
+            elif outcome is None:
                 # Normally still queued; a waiter skipped because its loop closed is not.
                 self._waiters.pop(waiter, None)
-        self._notify("on_cancel", monotonic() - started)
+            else:
+                return  # refused first: that refusal is its outcome
+            self._cancelled += 1
+        self._notify("on_cancel", self._clock() - started)
 
     # -- releasing -----------------------------------------------------------------------------
 
     def _release(self, permit: Permit) -> bool:
-        now = monotonic()
+        now = self._clock()
         with self._lock:
             if permit._released:
                 return False
             permit._released = True
             held = now - permit.acquired_at
             self._mean_hold += 0.1 * (held - self._mean_hold) if self._mean_hold else held
-            self._pass_slot_on_locked()
+            self._in_flight -= 1
+            if self._limit is not None:
+                self._relimit_locked(self._limit.update(held, self._in_flight + 1, False))
+            if self._waiters:
+                self._fill_slots_locked()
             listeners = self._listeners
         if listeners:
             self._notify("on_release", held)
         return True
 
-    def _pass_slot_on_locked(self) -> None:
-        """Hand a freed slot to the oldest live waiter, or return it to the pool."""
+    def _relimit_locked(self, limit: int) -> None:
+        if limit != self._max_concurrency:
+            self._max_concurrency = max(1, limit)
+            self._fill_slots_locked()
+
+    def _fill_slots_locked(self) -> None:
+        """Hand free slots to waiters (oldest first, or newest first when serving LIFO)."""
         waiters = self._waiters
-        while waiters:
-            waiter, _ = waiters.popitem(last=False)
-            if waiter.grant():
-                return
-        self._in_flight -= 1
+        while waiters and self._in_flight < self._max_concurrency:
+            newest_first = self._discipline == "lifo" or (
+                self._discipline == "codel"
+                and self._clock() - self._queue_busy_since >= self._codel_interval
+            )
+            waiter, _ = waiters.popitem(last=newest_first)
+            if waiter.wake(_GRANTED):
+                self._in_flight += 1
 
     def _retry_after_locked(self) -> int:
         if self._retry_after_fixed is not None:

@@ -1,0 +1,291 @@
+"""Concurrency limit algorithms: how many slots a throttler offers, learned from latency.
+
+Pass one as ``Throttler(max_concurrency=VegasLimit())``. The throttler reads ``limit`` on every
+admission and calls :meth:`Limit.update` with each completed request's slot time (``rtt``) and
+with each queue timeout (``dropped=True``), inside the critical section it already holds: the
+algorithms are a few float operations and never block, so adapting costs no extra lock.
+
+The algorithms follow the published ones (TCP Vegas and AIMD congestion control, and
+Netflix's concurrency-limits Gradient2), written anew with their published defaults except where
+noted: a web handler's right limit is often single digits, so minimum limits default to 1.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+__all__ = ["AIMDLimit", "FixedLimit", "Gradient2Limit", "Limit", "VegasLimit"]
+
+
+def _check_limits(initial: int, min_limit: int, max_limit: int) -> None:
+    for name, value in (("initial", initial), ("min_limit", min_limit), ("max_limit", max_limit)):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if max_limit < min_limit:
+        raise ValueError(f"max_limit must be >= min_limit ({min_limit}), got {max_limit}")
+    if not min_limit <= initial <= max_limit:
+        raise ValueError(f"initial must be in [{min_limit}, {max_limit}], got {initial}")
+
+
+def _check_fraction(name: str, value: float, low: float, high: float) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not low <= value <= high:
+        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
+    return float(value)
+
+
+def _log10_root(limit: float) -> int:
+    """Vegas's step: max(1, floor(log10(limit))), growing as sqrt past 1000."""
+    whole = int(limit)
+    return max(1, int(math.log10(whole))) if whole < 1000 else int(math.sqrt(whole))
+
+
+class Limit:
+    """Base class of limit algorithms: the current ``limit`` and how it learns.
+
+    Samples are gathered over one round (about ``limit`` completions, the time every slot takes
+    to turn over once, like a TCP round trip) and the algorithm runs once per round on the
+    round's mean RTT (over the samples that were not drops; 0.0 if none), its highest in-flight
+    count and whether anything was dropped: reacting to every sample overshoots, because a change of limit shows in latency only a round later.
+
+    Subclasses override :meth:`_adjust`. One instance belongs to one throttler, which calls
+    :meth:`update` under its lock; do not share an instance between throttlers.
+    """
+
+    def __init__(self, initial: int) -> None:
+        self.limit = initial
+        """The current concurrency limit (int >= 1)."""
+        self._round_samples = 0
+        self._round_rtt_samples = 0
+        self._round_rtt = 0.0
+        self._round_in_flight = 0
+        self._round_dropped = False
+
+    def update(self, rtt: float, in_flight: int, dropped: bool) -> int:
+        """Learn from one sample and return the (possibly new) limit.
+
+        ``rtt`` is the seconds the request held its slot (or waited, for a drop), ``in_flight``
+        the requests in flight when it finished, ``dropped`` True for a queue timeout.
+        """
+        self._round_samples += 1
+        self._round_in_flight = max(self._round_in_flight, in_flight)
+        if dropped:
+            # A drop's time is a queue wait, not a service time: it counts, but not as latency.
+            self._round_dropped = True
+        else:
+            self._round_rtt_samples += 1
+            self._round_rtt += rtt
+        if self._round_samples >= self.limit:
+            measured = self._round_rtt_samples
+            mean_rtt = self._round_rtt / measured if measured else 0.0
+            self.limit = max(1, self._adjust(mean_rtt, self._round_in_flight, self._round_dropped))
+            self._round_samples = self._round_rtt_samples = self._round_in_flight = 0
+            self._round_rtt = 0.0
+            self._round_dropped = False
+        return self.limit
+
+    def _adjust(self, rtt: float, in_flight: int, dropped: bool) -> int:
+        """One round's decision: the new limit from its mean RTT, peak in-flight and drops."""
+        return self.limit
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(limit={self.limit})"
+
+
+class FixedLimit(Limit):
+    """A constant limit: the behaviour of ``Throttler(max_concurrency=n)``."""
+
+    def __init__(self, limit: int) -> None:
+        _check_limits(limit, 1, limit)
+        super().__init__(limit)
+
+
+class AIMDLimit(Limit):
+    """Loss-based: +1 while busy and healthy, multiply by ``backoff_ratio`` on a drop.
+
+    A request whose slot time exceeds ``timeout`` seconds counts as a drop. The limit grows only
+    while at least half of it is in use, so an idle service does not inflate it.
+    """
+
+    def __init__(
+        self,
+        initial: int = 10,
+        *,
+        min_limit: int = 1,
+        max_limit: int = 200,
+        backoff_ratio: float = 0.9,
+        timeout: float = 5.0,
+    ) -> None:
+        _check_limits(initial, min_limit, max_limit)
+        self.min_limit, self.max_limit = min_limit, max_limit
+        if not isinstance(backoff_ratio, (int, float)) or not 0.5 <= backoff_ratio < 1.0:
+            raise ValueError(f"backoff_ratio must be in [0.5, 1.0), got {backoff_ratio!r}")
+        self.backoff_ratio = float(backoff_ratio)
+        if not isinstance(timeout, (int, float)) or not timeout > 0:
+            raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.timeout = float(timeout)
+        super().__init__(initial)
+
+    def _adjust(self, rtt: float, in_flight: int, dropped: bool) -> int:
+        limit = self.limit
+        if dropped or rtt > self.timeout:
+            limit = min(limit - 1, int(limit * self.backoff_ratio))
+        elif in_flight * 2 >= limit:
+            limit += 1
+        return max(self.min_limit, min(self.max_limit, limit))
+
+
+class VegasLimit(Limit):
+    """Delay-based, after TCP Vegas: estimate the queue from the no-load RTT and keep it small.
+
+    Once per round, ``queue = limit * (1 - rtt_noload / rtt)`` from the round's mean RTT. With
+    ``step = max(1, floor(log10(limit)))``: no queue (<= step) grows the limit by 6*step; a queue
+    under 3*step grows it by step; a queue over 6*step (or a drop) shrinks it by step; in between
+    it holds. The limit does not grow while under half of it is in use.
+
+    ``rtt_noload`` is the smallest single RTT seen. A standing queue hides the true no-load RTT,
+    and a service may become slower for good, so every ``probe_interval`` rounds (jittered to
+    50-100%) the limit drops to ``probe_limit`` until in-flight work drains, and the smallest RTT
+    of the next ``2 * probe_limit`` samples becomes the new ``rtt_noload`` (the way Envoy's
+    adaptive concurrency filter measures its minimum RTT). Then the limit is restored.
+    """
+
+    def __init__(
+        self,
+        initial: int = 20,
+        *,
+        min_limit: int = 1,
+        max_limit: int = 1000,
+        smoothing: float = 1.0,
+        probe_interval: int = 250,
+        probe_limit: int = 3,
+        rng: random.Random | None = None,
+    ) -> None:
+        _check_limits(initial, min_limit, max_limit)
+        self.min_limit, self.max_limit = min_limit, max_limit
+        self.smoothing = _check_fraction("smoothing", smoothing, 0.0, 1.0)
+        for name, value in (("probe_interval", probe_interval), ("probe_limit", probe_limit)):
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.probe_interval = probe_interval
+        self.probe_limit = probe_limit
+        self._rng = rng or random.Random()
+        self.estimate = float(initial)
+        self.rtt_noload = 0.0
+        self._rounds_to_probe = self._next_probe()
+        self._probe_phase = 0  # 0: not probing, 1: draining, 2: measuring
+        self._probe_left = 0
+        self._probe_min = math.inf
+        super().__init__(initial)
+
+    def _next_probe(self) -> int:
+        return max(1, round(self.probe_interval * self._rng.uniform(0.5, 1.0)))
+
+    def update(self, rtt: float, in_flight: int, dropped: bool) -> int:
+        if self._probe_phase:
+            return self._probe(rtt, in_flight)
+        if 0 < rtt < self.rtt_noload or self.rtt_noload == 0.0:
+            self.rtt_noload = rtt
+        return super().update(rtt, in_flight, dropped)
+
+    def _probe(self, rtt: float, in_flight: int) -> int:
+        if self._probe_phase == 1:
+            if in_flight <= self.probe_limit:  # drained: what runs now never queued behind
+                self._probe_phase = 2
+                self._probe_left = 2 * self.probe_limit
+                self._probe_min = math.inf
+            return self.limit
+        if rtt > 0:
+            self._probe_min = min(self._probe_min, rtt)
+        self._probe_left -= 1
+        if self._probe_left <= 0:
+            if self._probe_min < math.inf:
+                self.rtt_noload = self._probe_min
+            self._probe_phase = 0
+            self.limit = max(self.min_limit, int(self.estimate))
+        return self.limit
+
+    def _adjust(self, rtt: float, in_flight: int, dropped: bool) -> int:
+        if not dropped and (rtt <= 0 or self.rtt_noload <= 0):
+            return self.limit
+        self._rounds_to_probe -= 1
+        if self._rounds_to_probe <= 0:
+            self._rounds_to_probe = self._next_probe()
+            self._probe_phase = 1
+            return max(1, min(self.probe_limit, self.limit))
+        estimate = self.estimate
+        step = _log10_root(estimate)
+        queue = math.ceil(estimate * (1 - self.rtt_noload / rtt)) if rtt > 0 else 0
+        if dropped:
+            target = estimate - step
+        elif in_flight * 2 < estimate:
+            return self.limit  # app-limited: no evidence either way
+        elif queue <= step:
+            target = estimate + 6 * step
+        elif queue < 3 * step:
+            target = estimate + step
+        elif queue > 6 * step:
+            target = estimate - step
+        else:
+            return self.limit
+        target = max(self.min_limit, min(self.max_limit, target))
+        self.estimate = (1 - self.smoothing) * estimate + self.smoothing * target
+        return max(self.min_limit, int(self.estimate))
+
+
+class Gradient2Limit(Limit):
+    """Gradient of long-term over short-term RTT (Netflix's Gradient2).
+
+    ``gradient = clamp(long_rtt / rtt, 0.5, 1)`` and
+    ``limit <- (1 - smoothing) * limit + smoothing * (limit * gradient + queue_size)``, where
+    ``long_rtt`` is an exponential average over ``long_window`` samples that is pulled down
+    quickly once latency recovers. The limit does not grow while under half of it is in use.
+    """
+
+    def __init__(
+        self,
+        initial: int = 20,
+        *,
+        min_limit: int = 1,
+        max_limit: int = 200,
+        smoothing: float = 0.2,
+        queue_size: int = 4,
+        long_window: int = 600,
+    ) -> None:
+        _check_limits(initial, min_limit, max_limit)
+        self.min_limit, self.max_limit = min_limit, max_limit
+        self.smoothing = _check_fraction("smoothing", smoothing, 0.0, 1.0)
+        if not isinstance(queue_size, int) or queue_size < 0:
+            raise ValueError(f"queue_size must be an int >= 0, got {queue_size!r}")
+        self.queue_size = queue_size
+        if not isinstance(long_window, int) or long_window < 1:
+            raise ValueError(f"long_window must be an int >= 1, got {long_window!r}")
+        self._factor = 2.0 / (long_window + 1)
+        self._warmup = 10
+        self._samples = 0
+        self.long_rtt = 0.0
+        self.estimate = float(initial)
+        super().__init__(initial)
+
+    def _adjust(self, rtt: float, in_flight: int, dropped: bool) -> int:
+        if rtt <= 0:
+            return self.limit
+        if self._samples < self._warmup:  # plain mean until the average means something
+            self._samples += 1
+            self.long_rtt += (rtt - self.long_rtt) / self._samples
+        else:
+            self.long_rtt += (rtt - self.long_rtt) * self._factor
+        if self.long_rtt / rtt > 2:
+            # Latency is back to normal after a long overload: let the baseline follow fast.
+            self.long_rtt *= 0.9
+        if in_flight < self.estimate / 2:
+            return self.limit
+        gradient = max(0.5, min(1.0, self.long_rtt / rtt))
+        target = self.estimate * gradient + self.queue_size
+        target = self.estimate * (1 - self.smoothing) + target * self.smoothing
+        self.estimate = max(self.min_limit, min(self.max_limit, target))
+        return int(self.estimate)

@@ -1,0 +1,212 @@
+"""Limit algorithms: worked examples of their arithmetic, and convergence on a simulated service."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+
+import pytest
+
+from shedder import Throttler
+from shedder.limits import AIMDLimit, FixedLimit, Gradient2Limit, Limit, VegasLimit
+
+from .simulation import Simulation
+
+
+def feed_round(limit: Limit, rtt: float, in_flight: int, *, dropped: bool = False) -> int:
+    """One round: as many samples as the limit, the last of them possibly a drop."""
+    for index in range(limit.limit):
+        result = limit.update(rtt, in_flight, dropped and index == limit.limit - 1)
+    return result
+
+
+def test_a_round_is_limit_samples_long() -> None:
+    aimd = AIMDLimit(4, timeout=1.0)
+    for _ in range(3):
+        assert aimd.update(0.01, 4, False) == 4  # mid-round: unchanged
+    assert aimd.update(0.01, 4, False) == 5  # the round's 4th sample
+
+
+def test_fixed_limit_never_moves() -> None:
+    fixed = FixedLimit(7)
+    assert feed_round(fixed, 10.0, 7, dropped=True) == 7
+
+
+def test_aimd_arithmetic() -> None:
+    aimd = AIMDLimit(10, timeout=0.1, backoff_ratio=0.9, max_limit=12)
+    assert feed_round(aimd, 0.01, 5) == 11  # busy (5 * 2 >= 10) and healthy: +1
+    assert feed_round(aimd, 0.01, 5) == 11  # 5 * 2 < 11: app-limited, hold
+    assert feed_round(aimd, 0.01, 11) == 12
+    assert feed_round(aimd, 0.01, 12) == 12  # capped at max_limit
+    assert feed_round(aimd, 0.01, 12, dropped=True) == 10  # int(12 * 0.9)
+    assert feed_round(aimd, 0.5, 10) == 9  # slower than timeout counts as a drop
+    small = AIMDLimit(2, timeout=1.0)
+    assert feed_round(small, 0.01, 2, dropped=True) == 1  # always at least one less
+    assert feed_round(small, 0.01, 1, dropped=True) == 1  # never below min_limit
+
+
+def test_vegas_arithmetic() -> None:
+    vegas = VegasLimit(20, probe_interval=10_000, rng=random.Random(0))
+    # No queue: rtt == rtt_noload -> queue 0 <= step 1 -> +6.
+    assert feed_round(vegas, 0.020, 20) == 26
+    assert vegas.rtt_noload == 0.020
+    # queue = ceil(26 * (1 - 20/25)) = ceil(5.2) = 6: within [3, 6] -> hold.
+    assert feed_round(vegas, 0.025, 26) == 26
+    # queue = ceil(26 * (1 - 20/22)) = 3: not < 3 and not > 6 -> hold.
+    assert feed_round(vegas, 0.022, 26) == 26
+    # queue = ceil(26 * (1 - 20/21)) = 2 < 3 -> +1.
+    assert feed_round(vegas, 0.021, 26) == 27
+    # queue = ceil(27 * (1 - 20/30)) = 9 > 6 -> -1.
+    assert feed_round(vegas, 0.030, 27) == 26
+    # A drop shrinks by a step whatever the latency.
+    assert feed_round(vegas, 0.020, 26, dropped=True) == 25
+    # App-limited (in flight under half the limit): hold.
+    assert feed_round(vegas, 0.020, 5) == 25
+    # Step grows with log10: at 100 the moves are 2 and 12.
+    big = VegasLimit(100, probe_interval=10_000)
+    assert feed_round(big, 0.010, 100) == 112
+
+
+def test_vegas_probe_finds_the_true_noload_rtt() -> None:
+    vegas = VegasLimit(10, probe_interval=2, probe_limit=2, rng=random.Random(1))
+    vegas.rtt_noload = 0.050  # pretend a standing queue inflated it
+    vegas._rounds_to_probe = 1
+    assert feed_round(vegas, 0.080, 10) == 2  # the probe round: limit drops to probe_limit
+    assert vegas.update(0.080, 5, False) == 2  # still draining (5 in flight > 2)
+    assert vegas.update(0.060, 2, False) == 2  # drained; measuring begins with the next
+    for rtt in (0.030, 0.020, 0.025, 0.021):
+        vegas.update(rtt, 2, False)
+    assert vegas.rtt_noload == 0.020
+    assert vegas.limit == 10  # restored
+
+
+def test_gradient2_arithmetic() -> None:
+    gradient = Gradient2Limit(20, queue_size=4, smoothing=0.2, long_window=600)
+    # First round: long_rtt = rtt, gradient 1: target 20 + 4, smoothed 20.8.
+    assert feed_round(gradient, 0.020, 20) == 20
+    assert gradient.estimate == pytest.approx(20.8)
+    # Mean of 0.020 and 0.040 (warm-up) = 0.030; gradient 0.75: 20.8 * 0.75 + 4 = 19.6,
+    # smoothed 20.8 * 0.8 + 19.6 * 0.2 = 20.56.
+    assert feed_round(gradient, 0.040, 20) == 20
+    assert gradient.estimate == pytest.approx(20.56)
+    # Gradient is clamped at 0.5 against outliers.
+    before = gradient.estimate
+    feed_round(gradient, 10.0, 20)
+    assert gradient.estimate == pytest.approx(before * 0.8 + (before * 0.5 + 4) * 0.2)
+
+
+@pytest.mark.parametrize(
+    ("cls", "kwargs", "message"),
+    [
+        (AIMDLimit, {"initial": 0}, "initial must be >= 1"),
+        (AIMDLimit, {"initial": 5, "min_limit": 6}, r"initial must be in \[6, 200\]"),
+        (AIMDLimit, {"backoff_ratio": 1.0}, "backoff_ratio"),
+        (AIMDLimit, {"timeout": 0}, "timeout"),
+        (VegasLimit, {"max_limit": 0}, "max_limit must be >= 1"),
+        (VegasLimit, {"smoothing": 1.5}, "smoothing"),
+        (VegasLimit, {"probe_limit": 0}, "probe_limit"),
+        (Gradient2Limit, {"queue_size": -1}, "queue_size"),
+        (Gradient2Limit, {"long_window": 0}, "long_window"),
+    ],
+)
+def test_bad_configuration(cls: type[Limit], kwargs: dict[str, object], message: str) -> None:
+    with pytest.raises((ValueError, TypeError), match=message):
+        cls(**kwargs)
+
+
+# -- the throttler with a moving limit ----------------------------------------------------------
+
+
+def test_throttler_reads_the_algorithm_and_reports_the_current_limit() -> None:
+    aimd = AIMDLimit(2, timeout=1.0)
+    assert Throttler(AIMDLimit(2)).max_queue == 2  # defaults to the initial limit
+    throttler = Throttler(aimd, max_queue=0)
+    assert throttler.limit_algorithm is aimd
+    a, b = throttler.acquire(), throttler.acquire()
+    a.release()
+    b.release()  # a full, busy, healthy round: +1
+    assert throttler.max_concurrency == 3
+    assert throttler.stats().max_concurrency == 3
+
+
+async def test_a_raised_limit_admits_waiters_at_once() -> None:
+    aimd = AIMDLimit(1, timeout=10.0)
+    throttler = Throttler(aimd, max_queue=5, queue_timeout=5)
+    first = await throttler.acquire_async()
+    waiters = [asyncio.create_task(throttler.acquire_async()) for _ in range(2)]
+    await asyncio.sleep(0)
+    first.release()  # the limit goes 1 -> 2, so both waiters get a slot
+    permits = await asyncio.wait_for(asyncio.gather(*waiters), 5)
+    assert throttler.max_concurrency == 2
+    assert throttler.in_flight == 2
+    for permit in permits:
+        permit.release()
+
+
+def test_a_lowered_limit_hands_no_slot_over_until_under_it() -> None:
+    aimd = AIMDLimit(4, timeout=0.001, backoff_ratio=0.5)
+    clock = [0.0]
+    throttler = Throttler(aimd, max_queue=0, clock=lambda: clock[0])
+    permits = [throttler.acquire() for _ in range(4)]
+    clock[0] = 1.0  # every request took 1 s > timeout: drops
+    for permit in permits:
+        permit.release()
+    assert throttler.max_concurrency == 2
+    throttler.acquire()
+    throttler.acquire()
+    assert throttler.in_flight == 2
+    with pytest.raises(Exception, match="queue_full"):
+        throttler.acquire()
+
+
+# -- convergence on a simulated service: 8 connections, 20 ms each (400 req/s) -----------------
+
+P, S = 8, 0.020
+CAPACITY = P / S
+
+
+def slows_down(now: float) -> float:
+    """The database slows down 3x between t = 20 s and t = 40 s."""
+    return 3 * S if 20 <= now < 40 else S
+
+
+def test_vegas_without_a_hint_of_p_finds_capacity_and_keeps_latency_low() -> None:
+    sim = Simulation(servers=P, service_time=slows_down, rate=2 * CAPACITY, seed=7)
+    throttler = Throttler(VegasLimit(rng=random.Random(7)), max_queue=0, clock=sim.clock)
+    sim.run(throttler, 60)
+    # Within a few seconds of each change: full goodput, p99 latency <= 3x the service time.
+    for start, end, service in ((4, 20, S), (24, 40, 3 * S), (44, 60, S)):
+        capacity = P / service
+        assert sim.goodput(start, end) >= 0.95 * capacity, (start, end)
+        assert sim.latency_quantile(start, end, 0.99) <= 3 * service, (start, end)
+
+
+@pytest.mark.parametrize(
+    "make_limit",
+    [
+        lambda: AIMDLimit(timeout=3 * S),
+        lambda: Gradient2Limit(),
+        lambda: VegasLimit(rng=random.Random(3)),
+    ],
+    ids=["aimd", "gradient2", "vegas"],
+)
+def test_every_algorithm_is_stable_at_a_steady_overload(make_limit: object) -> None:
+    sim = Simulation(servers=P, service_time=lambda now: S, rate=2 * CAPACITY, seed=3)
+    throttler = Throttler(make_limit(), max_queue=0, clock=sim.clock)  # type: ignore[operator]
+    sim.run(throttler, 20)
+    late = [limit for at, limit in sim.limits if at >= 10]
+    assert sim.goodput(5, 20) >= 0.95 * CAPACITY
+    # Never collapses to nothing nor runs away to its maximum.
+    assert min(late) >= 1
+    assert max(late) <= 60
+
+
+def test_a_drop_counts_in_the_round_but_not_as_latency() -> None:
+    vegas = VegasLimit(4, probe_interval=10_000)
+    feed_round(vegas, 0.020, 4)  # 4 -> 10 (no queue: +6)
+    assert vegas.limit == 10
+    for _ in range(9):
+        vegas.update(0.020, 10, False)
+    # The round's last sample is a 5 s queue timeout: a drop (-1), not a 5 s latency.
+    assert vegas.update(5.0, 10, True) == 9
+    assert vegas.rtt_noload == 0.020
