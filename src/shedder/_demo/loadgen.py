@@ -87,13 +87,15 @@ def poisson_schedule(
 class LoadResult:
     """Per-request outcomes of one run, in send order; latencies in seconds.
 
-    ``latency[i]`` runs from request ``i``'s scheduled send time to its complete answer (or to
-    the deadline, for a timeout); ``status[i]`` is 0 when no answer was parsed.
+    ``scheduled[i]`` is request ``i``'s send time in seconds from the start; ``latency[i]`` runs
+    from that time to its complete answer (or to the deadline, for a timeout); ``status[i]`` is
+    0 when no answer was parsed.
     """
 
     rate: float
     duration: float
     deadline: float
+    scheduled: list[float] = field(default_factory=list)
     outcome: list[str] = field(default_factory=list)
     status: list[int] = field(default_factory=list)
     latency: list[float] = field(default_factory=list)
@@ -299,6 +301,7 @@ class LoadGenerator:
             rate=rate,
             duration=duration,
             deadline=deadline,
+            scheduled=self.schedule,
             outcome=[""] * n,
             status=[0] * n,
             latency=[math.nan] * n,

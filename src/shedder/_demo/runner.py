@@ -1,0 +1,353 @@
+"""The comparison runs behind ``shedder demo`` and ``benchmarks/overload/run.py``.
+
+Configurations, live progress (rich) and the written results. See ``benchmarks/overload/``
+for why each configuration is set the way it is.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import platform
+import sys
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .harness import CpuPlan, PointRun, Target, plan_cpus, run_points
+from .loadgen import ERROR, OK, SHED, TIMEOUT, LoadGenerator
+from .report import (
+    Row,
+    TargetCheck,
+    build_report,
+    check_targets,
+    markdown_table,
+    plot,
+    rich_table,
+    rows_from_runs,
+    write_json,
+)
+from .settings import AppSettings
+
+__all__ = [
+    "BENCHMARK_LOADS",
+    "DEMO_LOADS",
+    "SHEDDER_SETTINGS",
+    "Outcome",
+    "benchmark_targets",
+    "demo_targets",
+    "make_console",
+    "missing_demo_dependencies",
+    "run_comparison",
+]
+
+BENCHMARK_LOADS = (0.5, 0.9, 2.0, 4.0, 8.0)
+DEMO_LOADS = (0.5, 1.0, 2.0, 4.0)
+
+SHEDDER_SETTINGS: Mapping[str, Any] = {
+    # One slot per database connection: more would only wait inside the app, unseen.
+    "max_concurrency": 8,
+    # A waiting room of one service round: at most 8 / 8 x 20 ms = 20 ms of queueing, so an
+    # admitted request's p99 stays under 50 ms even with the queue always full.
+    "max_queue": 8,
+    # A safety net rather than the usual exit: a full queue drains in ~20 ms, so only a stalled
+    # server makes a waiter give up after 50 ms.
+    "queue_timeout": 0.05,
+}
+"""shedder's settings in the comparison (P = 8 connections, S = 20 ms)."""
+
+SHEDDER_LONG_QUEUE: Mapping[str, Any] = {**SHEDDER_SETTINGS, "max_queue": 16, "queue_timeout": 0.1}
+"""The other side of the FIFO trade-off: a queue that absorbs bursts at 0.9x."""
+
+SHEDDER_CODEL: Mapping[str, Any] = {
+    **SHEDDER_SETTINGS,
+    "max_queue": 32,
+    "queue_timeout": 0.1,
+    "queue_discipline": "codel",
+    "codel_target": 0.005,
+    "codel_interval": 0.1,
+}
+"""The controlled-delay queue: room for bursts, short waits once a queue stands."""
+
+DEMO_DEPENDENCIES = ("uvicorn", "rich", "matplotlib", "psutil")
+BENCHMARK_DEPENDENCIES = (*DEMO_DEPENDENCIES, "gunicorn", "flask")
+
+
+def make_console() -> Any:
+    """A rich console; wide enough for the results table when output is not a terminal."""
+    from rich.console import Console
+
+    if sys.stdout.isatty() or "COLUMNS" in os.environ:
+        return Console()
+    return Console(width=160)
+
+
+def missing_demo_dependencies(names: Sequence[str] = DEMO_DEPENDENCIES) -> list[str]:
+    """The modules of the ``demo`` extra that cannot be imported here."""
+    from importlib.util import find_spec
+
+    return [name for name in names if find_spec(name) is None]
+
+
+def _app(pool: int, hold_ms: float, shedder: Mapping[str, Any] | None = None) -> AppSettings:
+    return AppSettings(pool=pool, hold_ms=hold_ms, shedder=dict(shedder or {}))
+
+
+def benchmark_targets(
+    pool: int = 8, hold_ms: float = 20.0, *, threads: int = 32, limit_concurrency: int = 16
+) -> list[Target]:
+    """The comparison of issue 7, in the order it runs."""
+    return [
+        Target("asgi-bare", "bare ASGI app (uvicorn)", "uvicorn", _app(pool, hold_ms)),
+        Target(
+            "asgi-limit",
+            f"uvicorn --limit-concurrency {limit_concurrency}",
+            "uvicorn",
+            _app(pool, hold_ms),
+            server_args=("--limit-concurrency", str(limit_concurrency)),
+        ),
+        Target(
+            "asgi-shedder",
+            "shedder ASGI, queue 8",
+            "uvicorn",
+            _app(pool, hold_ms, SHEDDER_SETTINGS),
+        ),
+        Target(
+            "asgi-shedder-q16",
+            "shedder ASGI, queue 16",
+            "uvicorn",
+            _app(pool, hold_ms, SHEDDER_LONG_QUEUE),
+        ),
+        Target(
+            "asgi-shedder-codel",
+            "shedder ASGI, codel 32",
+            "uvicorn",
+            _app(pool, hold_ms, SHEDDER_CODEL),
+        ),
+        Target(
+            "wsgi-bare",
+            "bare Flask app (gunicorn gthread)",
+            "gunicorn",
+            _app(pool, hold_ms),
+            threads=threads,
+        ),
+        Target(
+            "wsgi-shedder",
+            "shedder WSGI, queue 8",
+            "gunicorn",
+            _app(pool, hold_ms, SHEDDER_SETTINGS),
+            threads=threads,
+        ),
+    ]
+
+
+def demo_targets(pool: int = 8, hold_ms: float = 20.0) -> list[Target]:
+    """The demo: the example app with shedder in front, then without, both under uvicorn."""
+    return [
+        Target("asgi-shedder", "with shedder", "uvicorn", _app(pool, hold_ms, SHEDDER_SETTINGS)),
+        Target("asgi-bare", "without shedder", "uvicorn", _app(pool, hold_ms)),
+    ]
+
+
+@dataclass
+class Outcome:
+    """What a comparison produced: the rows, target checks and the files written."""
+
+    rows: list[Row]
+    checks: list[TargetCheck]
+    files: list[Path]
+
+
+def _version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+class _LiveProgress:
+    """Rich progress: one bar for the whole run, one for the current point, live counts."""
+
+    def __init__(self, console: Any, total_points: int, warmup: float) -> None:
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
+
+        self.console = console
+        self.warmup = warmup
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(bar_width=30),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[counts]}"),
+            TimeElapsedColumn(),
+            console=console,
+            refresh_per_second=4,
+            transient=True,
+        )
+        self.overall = self.progress.add_task("all points", total=total_points, counts="")
+        self.current = self.progress.add_task("", total=1, counts="", visible=False)
+
+    def __enter__(self) -> _LiveProgress:
+        self.progress.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.progress.stop()
+
+    def start(self, target: Target, factor: float) -> None:
+        rate = target.app.capacity * factor
+        self.progress.reset(
+            self.current,
+            description=f"{target.label} @ {factor:g}x ({rate:.0f} req/s)",
+            total=None,
+            completed=0,
+            counts="starting server",
+            visible=True,
+        )
+
+    def tick(self, generator: LoadGenerator) -> None:
+        counts = generator.counts
+        self.progress.update(
+            self.current,
+            total=len(generator.schedule),
+            completed=generator.sent,
+            counts=(
+                f"[green]ok {counts[OK]}[/] [yellow]shed {counts[SHED]}[/] "
+                f"[red]timeout {counts[TIMEOUT]}[/] error {counts[ERROR]} "
+                f"in flight {generator.outstanding}"
+            ),
+        )
+
+    def done(self, run: PointRun, capacity: float) -> None:
+        from .report import summarize
+
+        point = summarize(
+            run.result, capacity=capacity, load_factor=run.load_factor, warmup=self.warmup
+        )
+        p99 = "-" if point.p99_ok_ms is None else f"{point.p99_ok_ms:.0f} ms"
+        self.console.print(
+            f"  {run.target.label:<42} {run.load_factor:>4g}x  goodput {point.goodput:6.0f}/s "
+            f"({point.goodput_pct:5.1f}%)  p99 ok {p99:>7}  shed {point.shed_pct:5.1f}%  "
+            f"timeout {point.timeout_pct:5.1f}%"
+        )
+        self.progress.advance(self.overall)
+
+
+def run_comparison(
+    targets: Sequence[Target],
+    load_factors: Sequence[float],
+    *,
+    duration: float,
+    deadline: float,
+    results_dir: Path,
+    name: str,
+    title: str,
+    seed: int = 1,
+    warmup: float = 1.0,
+    port: int | None = None,
+    console: Any = None,
+    extra_meta: Mapping[str, Any] | None = None,
+) -> Outcome:
+    """Run every target at every load with live progress; print and write the results.
+
+    Requests scheduled in the first ``warmup`` seconds of each point are sent but not counted.
+    Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` in ``results_dir``. Servers are
+    stopped whatever happens (KeyboardInterrupt included).
+    """
+    console = console or make_console()
+    cpus: CpuPlan = plan_cpus()
+    cpus.apply_to_self()
+    capacity = targets[0].app.capacity
+    meta: dict[str, Any] = {
+        "started": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+        "capacity_rps": capacity,
+        "pool": targets[0].app.pool,
+        "hold_ms": targets[0].app.hold_ms,
+        "deadline_s": deadline,
+        "duration_s": duration,
+        "warmup_s": warmup,
+        "load_factors": list(load_factors),
+        "seed": seed,
+        "cpus": os.cpu_count(),
+        "pinning": {"server": cpus.server, "generator": cpus.generator},
+        "load_average_before": _load_average(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "versions": {
+            pkg: _version(pkg) for pkg in ("loadshedder", "uvicorn", "gunicorn", "flask", "h11")
+        },
+        **(extra_meta or {}),
+    }
+    pinning = (
+        f"server on CPU {cpus.server}, generator on CPU {cpus.generator}"
+        if cpus.server is not None
+        else "no CPU pinning (needs taskset and 2 CPUs)"
+    )
+    console.print(
+        f"[bold]{title}[/]\ncapacity {capacity:.0f} req/s "
+        f"({targets[0].app.pool} connections x {targets[0].app.hold_ms:g} ms), "
+        f"client deadline {deadline:g} s, {duration:g} s per point (the first {warmup:g} s "
+        f"not counted), {pinning}; "
+        f"load average {meta['load_average_before']}"
+    )
+    with _LiveProgress(console, len(targets) * len(load_factors), warmup) as live:
+        runs = run_points(
+            targets,
+            load_factors,
+            duration=duration,
+            deadline=deadline,
+            seed=seed,
+            cpus=cpus,
+            port=port,
+            on_start=live.start,
+            on_tick=live.tick,
+            on_done=lambda run: live.done(run, capacity),
+        )
+    meta["load_average_after"] = _load_average()
+    meta["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    rows = rows_from_runs(runs, warmup)
+    checks = check_targets(rows)
+    console.print()
+    console.print(rich_table(rows, checks, title))
+    report = build_report(rows, meta, checks)
+    files = [
+        write_json(report, results_dir / f"{name}.json"),
+        _write_text(results_dir / f"{name}.md", _markdown(title, meta, rows, checks)),
+        plot(rows, results_dir / f"{name}.png", capacity=capacity, deadline=deadline, title=title),
+    ]
+    console.print(
+        f"load average after: {meta['load_average_after']}\n"
+        + "\n".join(f"wrote {path}" for path in files)
+    )
+    return Outcome(rows, checks, files)
+
+
+def _markdown(
+    title: str, meta: Mapping[str, Any], rows: Sequence[Row], checks: Sequence[TargetCheck]
+) -> str:
+    return (
+        f"### {title}\n\n`{meta['command']}`, {meta['started']}, load average before "
+        f"{meta['load_average_before']}, after {meta.get('load_average_after')}\n\n"
+        + markdown_table(rows, checks)
+    )
+
+
+def _write_text(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
