@@ -5,11 +5,17 @@ from __future__ import annotations
 import asyncio
 import gc
 import os
+import queue
+import socket
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import pytest
 from prometheus_client import CollectorRegistry
 from prometheus_client.parser import text_string_to_metric_families
@@ -375,3 +381,171 @@ def test_import_shedder_does_not_import_prometheus_client() -> None:
     )
     assert out.stdout.strip() == "False", out.stderr
     assert shedder.__name__ == "shedder"
+
+
+# -- gunicorn, two worker processes, multiprocess mode ------------------------------------------
+
+GUNICORN_APP = """
+import os
+import socket
+
+from shedder import Overloaded, Throttler
+from shedder._http import shed_response
+from shedder.prometheus import instrument, metrics_response
+
+CONTROL = ("127.0.0.1", int(os.environ["SHEDDER_TEST_CONTROL_PORT"]))
+throttler = Throttler(max_concurrency=1, max_queue=0, name="app")
+instrument(throttler)
+
+
+def respond(start_response, response):
+    start_response(response.status_line, list(response.headers))
+    return [response.body]
+
+
+def app(environ, start_response):
+    if environ["PATH_INFO"] == "/metrics":
+        return respond(start_response, metrics_response(accept=environ.get("HTTP_ACCEPT")))
+    try:
+        permit = throttler.acquire()
+    except Overloaded as exc:
+        return respond(start_response, shed_response(exc))
+    try:
+        # Tell the test which worker holds a slot, then hold it until the test hangs up.
+        with socket.create_connection(CONTROL) as control:
+            control.sendall(b"%d\\n" % os.getpid())
+            control.recv(1)
+    finally:
+        permit.release()
+    body = str(os.getpid()).encode()
+    start_response("200 OK", [("content-type", "text/plain"), ("content-length", str(len(body)))])
+    return [body]
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.fixture
+def gunicorn_app(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
+    """A gunicorn with 2 gthread workers in multiprocess mode; yields (base URL, control)."""
+    control = socket.socket()
+    control.bind(("127.0.0.1", 0))
+    control.listen(32)
+    (tmp_path / "app.py").write_text(GUNICORN_APP)
+    multiproc_dir = tmp_path / "prometheus"
+    multiproc_dir.mkdir()
+    port = _free_port()
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.path.dirname(os.path.dirname(shedder.__file__)),
+        "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
+        "SHEDDER_TEST_CONTROL_PORT": str(control.getsockname()[1]),
+    }
+    log = (tmp_path / "gunicorn.log").open("wb")
+    command = [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4"]
+    command += ["-b", f"127.0.0.1:{port}", "--chdir", str(tmp_path), "app:app"]
+    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 30
+        while True:  # readiness: poll /metrics with a bounded deadline
+            assert process.poll() is None, (tmp_path / "gunicorn.log").read_text()
+            try:
+                if httpx.get(f"{url}/metrics", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "gunicorn did not start"
+            time.sleep(0.05)
+        yield url, control
+    finally:
+        control.close()
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(10)
+        log.close()
+
+
+def _scrape_url(url: str) -> Samples:
+    response = httpx.get(f"{url}/metrics", timeout=10)
+    assert response.status_code == 200
+    samples: Samples = {}
+    for family in text_string_to_metric_families(response.text):
+        for sample in family.samples:
+            samples[(sample.name, frozenset(sample.labels.items()))] = sample.value
+    return samples
+
+
+@pytest.mark.server
+def test_gunicorn_two_workers_aggregate_in_multiprocess_mode(
+    gunicorn_app: tuple[str, socket.socket],
+) -> None:
+    url, control = gunicorn_app
+    events: queue.Queue[tuple[str, object]] = queue.Queue()
+
+    def accept_holders() -> None:
+        while True:
+            try:
+                conn, _ = control.accept()
+            except OSError:  # closed by the fixture
+                return
+            pid = int(conn.makefile("rb").readline())
+            events.put(("held", (pid, conn)))
+
+    threading.Thread(target=accept_holders, daemon=True).start()
+    holders: dict[int, socket.socket] = {}
+    held_requests: list[Future[httpx.Response]] = []
+    shed = 0
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        # Each worker has one slot: a /hold lands on a free worker and holds it, or on a busy
+        # one and is shed at once. Keep going until both workers hold a slot.
+        for _ in range(60):
+            if len(holders) == 2:
+                break
+            request = pool.submit(httpx.get, f"{url}/hold", timeout=30)
+            request.add_done_callback(lambda done: events.put(("done", done)))
+            kind, payload = events.get(timeout=20)
+            if kind == "held":
+                pid, conn = payload  # type: ignore[misc]
+                assert pid not in holders, "a worker admitted two requests with one slot"
+                holders[pid] = conn
+                held_requests.append(request)
+            else:
+                response = request.result()
+                assert response.status_code == 503
+                assert response.json()["reason"] == "queue_full"
+                shed += 1
+        assert len(holders) == 2, "the requests never reached the second worker"
+        # Both workers are full now: these are shed whichever worker takes them.
+        for _ in range(3):
+            response = httpx.get(f"{url}/hold", timeout=10)
+            assert response.status_code == 503
+            shed += 1
+
+        samples = _scrape_url(url)
+        assert value(samples, "shedder_in_flight", throttler="app") == 2  # livesum over workers
+        assert value(samples, "shedder_queued", throttler="app") == 0
+        assert value(samples, "shedder_concurrency_limit", throttler="app") == 2
+        assert value(samples, "shedder_queue_limit", throttler="app") == 0
+        assert value(samples, "shedder_admitted_total", throttler="app") == 2
+        assert value(samples, "shedder_shed_total", throttler="app", reason="queue_full") == shed
+        assert value(samples, "shedder_queue_wait_seconds_count", throttler="app") == 2
+
+        for conn in holders.values():
+            conn.close()
+        bodies = {int(request.result().text) for request in held_requests}
+        assert bodies == set(holders)
+
+    samples = _scrape_url(url)
+    assert value(samples, "shedder_in_flight", throttler="app") == 0
+    assert value(samples, "shedder_admitted_total", throttler="app") == 2
+    assert value(samples, "shedder_slot_hold_seconds_count", throttler="app") == 2
+    assert value(samples, "shedder_shed_total", throttler="app", reason="queue_full") == shed
