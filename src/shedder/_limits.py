@@ -50,7 +50,8 @@ class Limit:
     Samples are gathered over one round (about ``limit`` completions, the time every slot takes
     to turn over once, like a TCP round trip) and the algorithm runs once per round on the
     round's mean RTT (over the samples that were not drops; 0.0 if none), its highest in-flight
-    count and whether anything was dropped: reacting to every sample overshoots, because a change of limit shows in latency only a round later.
+    count and whether anything was dropped: reacting to every sample overshoots, because a change
+    of limit shows in latency only a round later.
 
     Subclasses override :meth:`_adjust`. One instance belongs to one throttler, which calls
     :meth:`update` under its lock; do not share an instance between throttlers.

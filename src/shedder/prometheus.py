@@ -1,35 +1,519 @@
 """Prometheus metrics for throttlers (extra ``prometheus``).
 
-Work in progress: for now only the exposition helper the adapters use to serve ``/metrics``.
+``instrument(throttler)`` attaches a throttler's metrics to a registry in one call; every
+series carries a ``throttler`` label (the throttler's ``name``), so a global throttler and
+per-route ones share one registry. ``metrics_response()`` renders a registry for ``/metrics``.
+
+Two implementations behind the same metric names:
+
+* **collector** (one process): gauges and counters are read from ``throttler.stats()`` at scrape
+  time by a custom collector; only the two histograms are updated per request, with a bisect
+  and a lock each.
+* **multiprocess** (``PROMETHEUS_MULTIPROC_DIR`` set, e.g. gunicorn with several workers):
+  prometheus_client allows no custom collectors there, so real ``Gauge``/``Counter``/
+  ``Histogram`` objects are updated from a :class:`~shedder.ThrottlerListener` and the
+  workers' files are aggregated at scrape time (gauges with ``livesum``).
 """
 
 from __future__ import annotations
 
+import math
+import os
+import re
+import threading
+import weakref
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 from typing import Any
 
+from ._errors import ShedReason
 from ._http import HTTPResponse
+from ._throttler import SHED_REASONS, Throttler, ThrottlerListener
 
-__all__ = ["metrics_response"]
+__all__ = [
+    "DEFAULT_BUCKETS",
+    "ThrottlerMetrics",
+    "instrument",
+    "metrics_response",
+]
 
 try:
     import prometheus_client
-    from prometheus_client import exposition
+    from prometheus_client import exposition, multiprocess
+    from prometheus_client.core import (
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+        Metric,
+    )
+    from prometheus_client.registry import Collector, CollectorRegistry
+    from prometheus_client.utils import floatToGoString
 except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         'shedder.prometheus needs prometheus_client: pip install "loadshedder[prometheus]"'
     ) from None
 
+DEFAULT_BUCKETS: tuple[float, ...] = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+    30.0,
+    60.0,
+)
+"""Histogram bounds in seconds: from a millisecond (a fast hand-off) to a minute."""
+
+_METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
+
+# Help texts, shared by both implementations so the exposition is the same either way.
+_HELP = {
+    "in_flight": "Requests holding a slot of the throttler.",
+    "queued": "Requests waiting in the throttler's queue for a slot.",
+    "concurrency_limit": "Slots of the throttler (max_concurrency).",
+    "queue_limit": "Places in the throttler's wait queue (max_queue).",
+    "admitted": "Requests given a slot.",
+    "cancelled": "Waiters that gave up (cancelled, interrupted) before getting a slot.",
+    "shed": "Requests refused, by reason (overloaded, queue_full, queue_timeout).",
+    "queue_wait_seconds": "Time admitted requests waited for a slot (0 on the fast path).",
+    "slot_hold_seconds": "Time a slot was held, from admission to release.",
+}
+
 
 def metrics_response(registry: Any = None, accept: str | None = None) -> HTTPResponse:
-    """The text exposition of ``registry`` (default: the global one) as a complete response.
+    """The text exposition of ``registry`` as a complete ``/metrics`` response.
 
-    ``accept`` is the request's ``Accept`` header, used to pick the exposition format.
+    With no ``registry``: in multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set) a fresh
+    registry aggregating every worker's files, as prometheus_client documents; otherwise the
+    global ``prometheus_client.REGISTRY``. ``accept`` is the request's ``Accept`` header, used
+    to pick the exposition format.
     """
-    registry = prometheus_client.REGISTRY if registry is None else registry
+    if registry is None:
+        if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        else:
+            registry = prometheus_client.REGISTRY
     encoder, content_type = exposition.choose_encoder(accept or "")
     body = encoder(registry)
     return HTTPResponse(
         200,
         (("content-type", content_type), ("content-length", str(len(body)))),
         body,
+    )
+
+
+# -- collector mode ----------------------------------------------------------------------------
+
+
+class _Histogram:
+    """A lean histogram for one process: a bisect and a lock per observation.
+
+    prometheus_client's ``Histogram.observe`` takes a lock per bucket it touches and for the
+    sum, about three times the cost of this; it stays in use where it must (multiprocess).
+    """
+
+    __slots__ = ("_bounds", "_counts", "_lock", "_sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)  # the last one is +Inf
+        self._sum = 0.0
+        self._lock = threading.Lock()
+
+    def observe(self, value: float) -> None:
+        # Buckets are "less than or equal": bisect_left puts a value equal to a bound in it.
+        index = bisect_left(self._bounds, value)
+        with self._lock:
+            self._counts[index] += 1
+            self._sum += value
+
+    def buckets(self) -> tuple[list[tuple[str, float]], float]:
+        """Cumulative ``(le, count)`` pairs ending with ``+Inf``, and the sum."""
+        with self._lock:
+            counts = list(self._counts)
+            total = self._sum
+        cumulative: list[tuple[str, float]] = []
+        running = 0
+        for bound, count in zip((*self._bounds, math.inf), counts, strict=True):
+            running += count
+            cumulative.append((floatToGoString(bound), running))  # type: ignore[no-untyped-call]
+        return cumulative, total
+
+
+class _CollectorListener(ThrottlerListener):
+    """Feeds the histograms; everything else is read from ``stats()`` at scrape time."""
+
+    def __init__(self, wait: _Histogram, hold: _Histogram) -> None:
+        # Bound methods, looked up once: this runs on every request.
+        self._observe_wait = wait.observe
+        self._observe_hold = hold.observe
+
+    def on_admit(self, throttler: Throttler, waited: float) -> None:
+        self._observe_wait(waited)
+
+    def on_release(self, throttler: Throttler, held: float) -> None:
+        self._observe_hold(held)
+
+
+class _Entry:
+    __slots__ = ("hold", "throttler", "wait")
+
+    def __init__(self, throttler: Throttler, buckets: tuple[float, ...]) -> None:
+        self.throttler = weakref.ref(throttler)
+        self.wait = _Histogram(buckets)
+        self.hold = _Histogram(buckets)
+
+
+class _ThrottlerCollector(Collector):
+    """Every instrumented throttler of one (registry, prefix), read at scrape time."""
+
+    def __init__(self, prefix: str, buckets: tuple[float, ...]) -> None:
+        self.prefix = prefix
+        self.buckets = buckets
+        self.entries: dict[str, _Entry] = {}
+        self.lock = threading.Lock()
+
+    def _families(self) -> dict[str, Any]:
+        p = self.prefix
+        label = ["throttler"]
+        return {
+            "in_flight": GaugeMetricFamily(f"{p}in_flight", _HELP["in_flight"], labels=label),
+            "queued": GaugeMetricFamily(f"{p}queued", _HELP["queued"], labels=label),
+            "concurrency_limit": GaugeMetricFamily(
+                f"{p}concurrency_limit", _HELP["concurrency_limit"], labels=label
+            ),
+            "queue_limit": GaugeMetricFamily(f"{p}queue_limit", _HELP["queue_limit"], labels=label),
+            "admitted": CounterMetricFamily(f"{p}admitted", _HELP["admitted"], labels=label),
+            "cancelled": CounterMetricFamily(f"{p}cancelled", _HELP["cancelled"], labels=label),
+            "shed": CounterMetricFamily(f"{p}shed", _HELP["shed"], labels=["throttler", "reason"]),
+            "queue_wait_seconds": HistogramMetricFamily(
+                f"{p}queue_wait_seconds", _HELP["queue_wait_seconds"], labels=label
+            ),
+            "slot_hold_seconds": HistogramMetricFamily(
+                f"{p}slot_hold_seconds", _HELP["slot_hold_seconds"], labels=label
+            ),
+        }
+
+    def describe(self) -> Iterator[Metric]:
+        # Lets the registry reject a name clash at register() time, without any samples.
+        yield from self._families().values()
+
+    def collect(self) -> Iterator[Metric]:
+        families = self._families()
+        with self.lock:
+            entries = list(self.entries.items())
+        for name, entry in entries:
+            throttler = entry.throttler()
+            if throttler is None:
+                continue
+            stats = throttler.stats()
+            label = [name]
+            families["in_flight"].add_metric(label, stats.in_flight)
+            families["queued"].add_metric(label, stats.queued)
+            families["concurrency_limit"].add_metric(label, stats.max_concurrency)
+            families["queue_limit"].add_metric(label, stats.max_queue)
+            families["admitted"].add_metric(label, stats.admitted_total)
+            families["cancelled"].add_metric(label, stats.cancelled_total)
+            for reason in SHED_REASONS:
+                families["shed"].add_metric([name, reason], stats.shed_total.get(reason, 0))
+            for key, histogram in (
+                ("queue_wait_seconds", entry.wait),
+                ("slot_hold_seconds", entry.hold),
+            ):
+                buckets, total = histogram.buckets()
+                families[key].add_metric(label, buckets, total)
+        yield from families.values()
+
+
+# -- multiprocess mode -------------------------------------------------------------------------
+
+
+class _MetricObjects:
+    """prometheus_client metric objects for one (registry, prefix), shared by its throttlers."""
+
+    def __init__(self, prefix: str, buckets: tuple[float, ...], registry: Any) -> None:
+        self.prefix = prefix
+        self.buckets = buckets
+        self.names: dict[str, weakref.ref[Throttler]] = {}
+        self.lock = threading.Lock()
+        p, label = prefix, ["throttler"]
+        Gauge, Counter = prometheus_client.Gauge, prometheus_client.Counter
+        # livesum for all four gauges: each worker has its own throttler, so the service's
+        # in-flight and queued are the sums over live workers, and so are its slots and queue
+        # places; summing the limits too keeps in_flight / concurrency_limit a utilisation in
+        # [0, 1] across workers, as in one process ("max" would compare a service-wide
+        # in-flight with one worker's limit; "liveall" adds a pid label the ratio cannot join).
+        self.in_flight = Gauge(
+            f"{p}in_flight",
+            _HELP["in_flight"],
+            label,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.queued = Gauge(
+            f"{p}queued", _HELP["queued"], label, registry=registry, multiprocess_mode="livesum"
+        )
+        self.concurrency_limit = Gauge(
+            f"{p}concurrency_limit",
+            _HELP["concurrency_limit"],
+            label,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.queue_limit = Gauge(
+            f"{p}queue_limit",
+            _HELP["queue_limit"],
+            label,
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.admitted = Counter(f"{p}admitted", _HELP["admitted"], label, registry=registry)
+        self.cancelled = Counter(f"{p}cancelled", _HELP["cancelled"], label, registry=registry)
+        self.shed = Counter(f"{p}shed", _HELP["shed"], ["throttler", "reason"], registry=registry)
+        self.wait = prometheus_client.Histogram(
+            f"{p}queue_wait_seconds",
+            _HELP["queue_wait_seconds"],
+            label,
+            registry=registry,
+            buckets=buckets,
+        )
+        self.hold = prometheus_client.Histogram(
+            f"{p}slot_hold_seconds",
+            _HELP["slot_hold_seconds"],
+            label,
+            registry=registry,
+            buckets=buckets,
+        )
+
+
+class _ObjectsListener(ThrottlerListener):
+    """Keeps one throttler's metric objects up to date, event by event."""
+
+    def __init__(self, objects: _MetricObjects, throttler: Throttler) -> None:
+        name = throttler.name
+        self.in_flight = objects.in_flight.labels(name)
+        self.queued = objects.queued.labels(name)
+        self.concurrency_limit = objects.concurrency_limit.labels(name)
+        self.queue_limit = objects.queue_limit.labels(name)
+        self.admitted = objects.admitted.labels(name)
+        self.cancelled = objects.cancelled.labels(name)
+        self.shed: dict[ShedReason, Any] = {r: objects.shed.labels(name, r) for r in SHED_REASONS}
+        self.wait = objects.wait.labels(name)
+        self.hold = objects.hold.labels(name)
+        self.pid = 0
+
+    def publish(self, throttler: Throttler) -> None:
+        """Write the current state (limits, and in-flight/queued counts) for this process."""
+        stats = throttler.stats()
+        self.concurrency_limit.set(stats.max_concurrency)
+        self.queue_limit.set(stats.max_queue)
+        self.in_flight.set(stats.in_flight)
+        self.queued.set(stats.queued)
+        self.pid = os.getpid()
+
+    def on_queue(self, throttler: Throttler) -> None:
+        self.queued.inc()
+
+    def on_admit(self, throttler: Throttler, waited: float) -> None:
+        if self.pid != os.getpid():
+            # A forked worker (gunicorn --preload): its files start empty, publish its limits.
+            self.publish(throttler)
+        # The fast path reports exactly 0.0; a waiter's wait is a clock difference, > 0.
+        if waited > 0.0:
+            self.queued.dec()
+        self.in_flight.inc()
+        self.admitted.inc()
+        self.wait.observe(waited)
+
+    def on_shed(self, throttler: Throttler, reason: ShedReason, waited: float) -> None:
+        if reason == "queue_timeout":
+            self.queued.dec()
+        self.shed[reason].inc()
+
+    def on_cancel(self, throttler: Throttler, waited: float) -> None:
+        self.queued.dec()
+        self.cancelled.inc()
+
+    def on_release(self, throttler: Throttler, held: float) -> None:
+        self.in_flight.dec()
+        self.hold.observe(held)
+
+
+# -- attaching ---------------------------------------------------------------------------------
+
+_Families = _ThrottlerCollector | _MetricObjects
+
+# One set of metric families per (registry, prefix): a second throttler adds label values to
+# the families instead of registering the same names again (a duplicate-timeseries error).
+_families: weakref.WeakKeyDictionary[Any, dict[str, _Families]] = weakref.WeakKeyDictionary()
+_families_lock = threading.Lock()
+
+
+class ThrottlerMetrics:
+    """A throttler's metrics as attached by :func:`instrument`; :meth:`detach` undoes it."""
+
+    def __init__(
+        self,
+        throttler: Throttler,
+        registry: Any,
+        prefix: str,
+        multiprocess: bool,
+        families: _Families,
+        listener: ThrottlerListener,
+    ) -> None:
+        self.throttler = throttler
+        self.registry = registry
+        self.prefix = prefix
+        self.multiprocess = multiprocess
+        """True when metric objects are updated per event (multiprocess mode)."""
+        self._families = families
+        self._listener: ThrottlerListener | None = listener
+
+    @property
+    def attached(self) -> bool:
+        return self._listener is not None
+
+    def detach(self) -> None:
+        """Stop observing the throttler and drop its series (idempotent).
+
+        In multiprocess mode prometheus_client cannot remove series: this process's gauges are
+        set to 0 instead (so ``livesum`` no longer counts them) and its counters stay.
+        """
+        with _families_lock:
+            listener, self._listener = self._listener, None
+            if listener is None:
+                return
+            self.throttler.remove_listener(listener)
+            name = self.throttler.name
+            families = self._families
+            if isinstance(families, _ThrottlerCollector):
+                with families.lock:
+                    del families.entries[name]
+            else:
+                del families.names[name]
+            if isinstance(listener, _ObjectsListener):
+                for gauge in (
+                    listener.in_flight,
+                    listener.queued,
+                    listener.concurrency_limit,
+                    listener.queue_limit,
+                ):
+                    gauge.set(0)
+
+    def __repr__(self) -> str:
+        state = "attached" if self.attached else "detached"
+        mode = "multiprocess" if self.multiprocess else "collector"
+        return f"<ThrottlerMetrics {state} {self.throttler.name!r} prefix={self.prefix!r} {mode}>"
+
+
+def _check_buckets(buckets: Sequence[float]) -> tuple[float, ...]:
+    if isinstance(buckets, (str, bytes)) or not isinstance(buckets, Sequence):
+        raise TypeError(f"buckets must be a sequence of seconds, got {buckets!r}")
+    bounds = tuple(float(b) for b in buckets if b != math.inf)
+    if not bounds:
+        raise ValueError(f"buckets must hold at least one finite bound, got {buckets!r}")
+    if any(math.isnan(b) for b in bounds) or list(bounds) != sorted(set(bounds)):
+        raise ValueError(f"buckets must be strictly increasing numbers, got {buckets!r}")
+    return bounds
+
+
+def instrument(
+    throttler: Throttler,
+    *,
+    registry: Any = None,
+    prefix: str = "shedder_",
+    multiprocess: bool | None = None,
+    buckets: Sequence[float] = DEFAULT_BUCKETS,
+) -> ThrottlerMetrics:
+    """Publish ``throttler``'s metrics in ``registry``, labelled ``throttler=<its name>``.
+
+    Args:
+        throttler: the throttler to observe; its ``name`` must be unique per registry and
+            prefix (``ValueError`` otherwise).
+        registry: a ``CollectorRegistry``; default ``prometheus_client.REGISTRY``.
+        prefix: prepended to every metric name (``shedder_in_flight``, ...); may be empty.
+        multiprocess: use per-event metric objects that prometheus_client's multiprocess mode
+            aggregates across workers. Default: True when ``PROMETHEUS_MULTIPROC_DIR`` is set.
+            Every throttler of one registry and prefix must use the same mode.
+        buckets: histogram bounds in seconds (``+Inf`` is implied); default
+            :data:`DEFAULT_BUCKETS`. Must match the ones of throttlers already instrumented
+            in the same registry and prefix.
+
+    Metrics: gauges ``in_flight``, ``queued``, ``concurrency_limit``, ``queue_limit``;
+    counters ``admitted_total``, ``cancelled_total``, ``shed_total{reason}``; histograms
+    ``queue_wait_seconds`` (every admission, 0 on the fast path) and ``slot_hold_seconds``.
+
+    Raises:
+        TypeError: ``throttler`` is not a Throttler, or ``buckets`` is not a sequence.
+        ValueError: a bad ``prefix`` or ``buckets``, a throttler name already instrumented in
+            this registry and prefix, or a mode or buckets mismatch with it.
+    """
+    if not isinstance(throttler, Throttler):
+        raise TypeError(f"throttler must be a shedder.Throttler, got {type(throttler).__name__}")
+    if not isinstance(prefix, str) or (prefix and not _METRIC_NAME.fullmatch(prefix)):
+        raise ValueError(f"prefix must match [a-zA-Z_:][a-zA-Z0-9_:]* or be empty, got {prefix!r}")
+    bounds = _check_buckets(buckets)
+    if registry is None:
+        registry = prometheus_client.REGISTRY
+    if multiprocess is None:
+        multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+    name = throttler.name
+    with _families_lock:
+        by_prefix = _families.setdefault(registry, {})
+        families = by_prefix.get(prefix)
+        if families is None:
+            families = (
+                _MetricObjects(prefix, bounds, registry)
+                if multiprocess
+                else _ThrottlerCollector(prefix, bounds)
+            )
+            if isinstance(families, _ThrottlerCollector):
+                registry.register(families)
+            by_prefix[prefix] = families
+        elif isinstance(families, _MetricObjects) is not multiprocess:
+            mode = "multiprocess" if multiprocess else "collector"
+            raise ValueError(
+                f"multiprocess={multiprocess} ({mode} mode) differs from the throttlers already"
+                f" instrumented in this registry with prefix {prefix!r}"
+            )
+        if families.buckets != bounds:
+            raise ValueError(
+                f"buckets {bounds} differ from {families.buckets}, used by the throttlers"
+                f" already instrumented in this registry with prefix {prefix!r}"
+            )
+        listener: ThrottlerListener
+        if isinstance(families, _ThrottlerCollector):
+            with families.lock:
+                existing = families.entries.get(name)
+                if existing is not None and existing.throttler() is not None:
+                    raise _duplicate(name, prefix)
+                entry = _Entry(throttler, bounds)
+                families.entries[name] = entry
+            listener = _CollectorListener(entry.wait, entry.hold)
+        else:
+            ref = families.names.get(name)
+            if ref is not None and ref() is not None:
+                raise _duplicate(name, prefix)
+            families.names[name] = weakref.ref(throttler)
+            listener = _ObjectsListener(families, throttler)
+        throttler.add_listener(listener)
+        if isinstance(listener, _ObjectsListener):
+            # After add_listener, so later events adjust this snapshot rather than miss it.
+            listener.publish(throttler)
+    return ThrottlerMetrics(throttler, registry, prefix, multiprocess, families, listener)
+
+
+def _duplicate(name: str, prefix: str) -> ValueError:
+    return ValueError(
+        f"a throttler named {name!r} is already instrumented in this registry with prefix"
+        f" {prefix!r}; give each throttler its own name=..."
     )
