@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -79,6 +80,20 @@ async def test_bare_asgi_target_holds_one_of_pool_connections() -> None:
     # Four requests through two connections of 50 ms: two rounds, so at least 100 ms.
     assert statuses == [200] * 4
     assert elapsed >= 0.095
+
+
+def test_simulated_database_serves_exactly_pool_over_hold() -> None:
+    from shedder._demo.database import SimulatedDatabase
+
+    database = SimulatedDatabase(pool=4, hold=0.010)
+    first = time.monotonic()
+    finishes = [database.book() for _ in range(100)]  # booking only: no sleeping
+    # 100 queries over 4 connections of 10 ms: 25 rounds, the last done 250 ms from now.
+    assert finishes == sorted(finishes)
+    assert finishes[-1] - first == pytest.approx(0.250, abs=0.005)
+    assert database.backlog() == pytest.approx(0.240, abs=0.01)
+    with pytest.raises(ValueError, match="pool must be >= 1, got 0"):
+        SimulatedDatabase(pool=0, hold=0.01)
 
 
 # -- harness -------------------------------------------------------------------------------------

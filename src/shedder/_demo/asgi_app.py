@@ -1,18 +1,18 @@
 """The ASGI target: ``uvicorn shedder._demo.asgi_app:app`` (settings from the environment).
 
-``GET /ready`` answers at once (readiness probe); every other path holds one of ``pool``
-connections of a simulated database (an :class:`asyncio.Semaphore`) for ``hold_ms``. A raw ASGI
-app rather than a framework one, so that the benchmark measures the server and the shedding,
-not routing.
+``GET /ready`` answers at once (readiness probe); every other path runs one query on a
+:class:`~shedder._demo.database.SimulatedDatabase` of ``pool`` connections x ``hold_ms``. A raw
+ASGI app rather than a framework one, so that the benchmark measures the server and the
+shedding, not routing.
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from .database import SimulatedDatabase
 from .settings import AppSettings
 
 __all__ = ["app", "make_app"]
@@ -28,15 +28,13 @@ _HEADERS = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
 
 def make_app(settings: AppSettings) -> ASGIApp:
     """The bare app, wrapped in shedder's ASGI middleware when ``settings.shedder`` is set."""
-    hold = settings.hold_ms / 1000.0
-    database = asyncio.Semaphore(settings.pool)  # binds to the serving loop on first use
+    database = SimulatedDatabase(settings.pool, settings.hold_ms / 1000.0)
 
     async def bare(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return
         if scope["path"] != "/ready":
-            async with database:
-                await asyncio.sleep(hold)
+            await database.query_async()
         await send({"type": "http.response.start", "status": 200, "headers": _HEADERS})
         await send({"type": "http.response.body", "body": b"ok"})
 

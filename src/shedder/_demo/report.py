@@ -50,10 +50,14 @@ def _ms(seconds: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class PointSummary:
-    """One configuration at one offered load. Rates per second, latencies in ms, RSS in MiB."""
+    """One configuration at one offered load. Rates per second, latencies in ms, RSS in MiB.
+
+    ``offered_rate`` is the nominal Poisson rate, ``sent_rate`` what this run's draw sent.
+    """
 
     load_factor: float
     offered_rate: float
+    sent_rate: float
     duration: float
     warmup: float
     sent: int
@@ -119,6 +123,7 @@ def summarize(
     return PointSummary(
         load_factor=load_factor,
         offered_rate=round(result.rate, 1),
+        sent_rate=round(sent / (result.duration - warmup), 1),
         duration=result.duration,
         warmup=warmup,
         sent=sent,
@@ -333,7 +338,7 @@ def _cells(row: Row, point: PointSummary, first: bool) -> list[str]:
     return [
         row.label if first else "",
         f"{point.load_factor:g}x",
-        f"{point.offered_rate:.0f}",
+        f"{point.sent_rate:.0f}",
         f"{point.goodput:.0f}",
         f"{point.goodput_pct:.1f}",
         f"{point.shed_pct:.2f}",

@@ -1,18 +1,17 @@
 """The WSGI target: ``gunicorn -k gthread shedder._demo.wsgi_app:app`` (settings from the env).
 
-A Flask app: ``GET /ready`` answers at once; ``GET /`` holds one of ``pool`` connections of a
-simulated database (a :class:`threading.Semaphore`) for ``hold_ms``.
+A Flask app: ``GET /ready`` answers at once; ``GET /`` runs one query on a
+:class:`~shedder._demo.database.SimulatedDatabase` of ``pool`` connections x ``hold_ms``.
 """
 
 from __future__ import annotations
 
 import importlib
-import threading
-import time
 from typing import Any
 
 from flask import Flask
 
+from .database import SimulatedDatabase
 from .settings import AppSettings
 
 __all__ = ["app", "make_app"]
@@ -20,8 +19,7 @@ __all__ = ["app", "make_app"]
 
 def make_app(settings: AppSettings) -> Any:
     """The Flask app, wrapped in shedder's WSGI middleware when ``settings.shedder`` is set."""
-    hold = settings.hold_ms / 1000.0
-    database = threading.Semaphore(settings.pool)
+    database = SimulatedDatabase(settings.pool, settings.hold_ms / 1000.0)
     flask_app = Flask("shedder_demo")
 
     @flask_app.get("/ready")
@@ -30,8 +28,7 @@ def make_app(settings: AppSettings) -> Any:
 
     @flask_app.get("/")
     def work() -> str:
-        with database:
-            time.sleep(hold)
+        database.query()
         return "ok"
 
     if not settings.shedder:
