@@ -150,7 +150,7 @@ def _result(outcomes: list[tuple[str, int, float]], duration: float = 1.0) -> Lo
         rate=n / duration,
         duration=duration,
         deadline=1.0,
-        scheduled=[duration * i / n for i in range(n)],
+        scheduled=[0.9 * duration * i / n for i in range(n)],  # answers land in the window
         outcome=[o for o, _, _ in outcomes],
         status=[s for _, s, _ in outcomes],
         latency=[lat for _, _, lat in outcomes],
@@ -175,11 +175,23 @@ def test_summarize_counts_and_percentiles() -> None:
 def test_summarize_leaves_out_the_warmup() -> None:
     # Ten requests over 1 s; the first half times out (a cold start), the second half is fine.
     outcomes = [(TIMEOUT, 0, 1.0)] * 5 + [(OK, 200, 0.02)] * 5
-    point = summarize(_result(outcomes), capacity=10.0, load_factor=1.0, warmup=0.5)
+    point = summarize(_result(outcomes), capacity=10.0, load_factor=1.0, warmup=0.45)
     assert (point.sent, point.ok, point.timeout) == (5, 5, 0)
-    assert point.goodput == 10.0
+    assert point.goodput == pytest.approx(5 / 0.55, abs=0.05)
+
+
+def test_goodput_counts_answers_received_in_the_window() -> None:
+    # Sent at 0.0, 0.3, 0.6; answered 0.5 s later: at 0.5, 0.8 and 1.1 (after the window).
+    result = LoadResult(
+        rate=3.0, duration=1.0, deadline=1.0, scheduled=[0.0, 0.3, 0.6],
+        outcome=[OK, OK, OK], status=[200] * 3, latency=[0.5] * 3, send_lag=[0.0] * 3,
+    )  # fmt: skip
+    point = summarize(result, capacity=10.0, load_factor=0.3, warmup=0.2)
+    # Answers at 0.5 and 0.8 s fall in [0.2, 1.0); the one at 1.1 s does not.
+    assert point.goodput == pytest.approx(2 / 0.8)
+    assert point.ok == 2  # sent in the window: the ones at 0.3 and 0.6
     with pytest.raises(ValueError, match="warmup"):
-        summarize(_result(outcomes), capacity=10.0, load_factor=1.0, warmup=1.0)
+        summarize(result, capacity=10.0, load_factor=1.0, warmup=1.0)
 
 
 def _runs(shedder_ok: int = 396) -> list[PointRun]:

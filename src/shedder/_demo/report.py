@@ -90,11 +90,12 @@ def summarize(
 ) -> PointSummary:
     """Reduce one run's per-request records to the figures of the report.
 
-    Only requests scheduled at or after ``warmup`` seconds count: the first deadline's worth
-    of a run shows a server with no backlog yet, not its steady state. Goodput is the number
-    of those that got a 2xx within the deadline divided by the time they were offered over;
-    percentages are of the requests counted. Raises ``ValueError`` for a warmup outside
-    ``[0, duration)``.
+    The first ``warmup`` seconds show a server with no backlog yet, not its steady state, so
+    they are left out: goodput is the number of 2xx answers *received* within their deadline
+    between ``warmup`` and ``duration``, per second of that window (counting by arrival of the
+    answer, so that no queue order can bank answers at the window's edges); the other counts,
+    percentages and latencies are of the requests *sent* in that window. Raises ``ValueError``
+    for a warmup outside ``[0, duration)``.
     """
     if not 0.0 <= warmup < result.duration:
         raise ValueError(f"warmup must be in [0, duration={result.duration}), got {warmup}")
@@ -115,7 +116,15 @@ def summarize(
         else:
             errors += 1
     sent = len(pairs)
-    goodput = counts[OK] / (result.duration - warmup)
+    window = result.duration - warmup
+    answered_in_window = sum(
+        1
+        for at, latency, outcome in zip(
+            result.scheduled, result.latency, result.outcome, strict=True
+        )
+        if outcome == OK and warmup <= at + latency < result.duration
+    )
+    goodput = answered_in_window / window
 
     def pct(count: int) -> float:
         return round(100.0 * count / sent, 3) if sent else 0.0
@@ -123,7 +132,7 @@ def summarize(
     return PointSummary(
         load_factor=load_factor,
         offered_rate=round(result.rate, 1),
-        sent_rate=round(sent / (result.duration - warmup), 1),
+        sent_rate=round(sent / window, 1),
         duration=result.duration,
         warmup=warmup,
         sent=sent,
