@@ -172,26 +172,17 @@ def test_summarize_counts_and_percentiles() -> None:
     assert point.p99_shed_ms == pytest.approx(1.0)
 
 
-def test_summarize_leaves_out_the_warmup() -> None:
-    # Ten requests over 1 s; the first half times out (a cold start), the second half is fine.
-    outcomes = [(TIMEOUT, 0, 1.0)] * 5 + [(OK, 200, 0.02)] * 5
-    point = summarize(_result(outcomes), capacity=10.0, load_factor=1.0, warmup=0.45)
-    assert (point.sent, point.ok, point.timeout) == (5, 5, 0)
-    assert point.goodput == pytest.approx(5 / 0.55, abs=0.05)
-
-
-def test_goodput_counts_answers_received_in_the_window() -> None:
-    # Sent at 0.0, 0.3, 0.6; answered 0.5 s later: at 0.5, 0.8 and 1.1 (after the window).
-    result = LoadResult(
-        rate=3.0, duration=1.0, deadline=1.0, scheduled=[0.0, 0.3, 0.6],
-        outcome=[OK, OK, OK], status=[200] * 3, latency=[0.5] * 3, send_lag=[0.0] * 3,
-    )  # fmt: skip
-    point = summarize(result, capacity=10.0, load_factor=0.3, warmup=0.2)
-    # Answers at 0.5 and 0.8 s fall in [0.2, 1.0); the one at 1.1 s does not.
-    assert point.goodput == pytest.approx(2 / 0.8)
-    assert point.ok == 2  # sent in the window: the ones at 0.3 and 0.6
-    with pytest.raises(ValueError, match="warmup"):
-        summarize(result, capacity=10.0, load_factor=1.0, warmup=1.0)
+def test_summarize_counts_only_the_window() -> None:
+    # Ten requests over 1 s: the first four time out (a cold start), the last two are answered
+    # as the load stops; only the four sent in [0.35, 0.7) count.
+    outcomes = [(TIMEOUT, 0, 1.0)] * 4 + [(OK, 200, 0.02)] * 4 + [(OK, 200, 0.001)] * 2
+    result = _result(outcomes)  # sent at 0.0, 0.09, ..., 0.81
+    point = summarize(result, capacity=10.0, load_factor=1.0, warmup=0.35, cooldown=0.3)
+    assert (point.sent, point.ok, point.timeout) == (4, 4, 0)
+    assert point.goodput == pytest.approx(4 / 0.35, abs=0.1)
+    assert point.p50_ok_ms == pytest.approx(20.0)
+    with pytest.raises(ValueError, match="no window"):
+        summarize(result, capacity=10.0, load_factor=1.0, warmup=0.5, cooldown=0.5)
 
 
 def _runs(shedder_ok: int = 396) -> list[PointRun]:

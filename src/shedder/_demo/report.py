@@ -60,6 +60,7 @@ class PointSummary:
     sent_rate: float
     duration: float
     warmup: float
+    cooldown: float
     sent: int
     ok: int
     shed: int
@@ -87,24 +88,29 @@ def summarize(
     server_cpu: float | None = None,
     wall: float | None = None,
     warmup: float = 0.0,
+    cooldown: float = 0.0,
 ) -> PointSummary:
     """Reduce one run's per-request records to the figures of the report.
 
-    The first ``warmup`` seconds show a server with no backlog yet, not its steady state, so
-    they are left out: goodput is the number of 2xx answers *received* within their deadline
-    between ``warmup`` and ``duration``, per second of that window (counting by arrival of the
-    answer, so that no queue order can bank answers at the window's edges); the other counts,
-    percentages and latencies are of the requests *sent* in that window. Raises ``ValueError``
-    for a warmup outside ``[0, duration)``.
+    Only requests sent in the window ``[warmup, duration - cooldown)`` count. The load runs
+    before and after it: before, the server has no backlog yet; after, the load stops and a
+    queue drains, which would favour whichever requests a discipline serves last. Goodput is
+    the number of those requests answered 2xx within their deadline, per second of window;
+    every other count, percentage and latency is of the same requests. Raises ``ValueError``
+    if the window is empty.
     """
-    if not 0.0 <= warmup < result.duration:
-        raise ValueError(f"warmup must be in [0, duration={result.duration}), got {warmup}")
+    end = result.duration - cooldown
+    if not 0.0 <= warmup < end:
+        raise ValueError(
+            f"warmup ({warmup}) and cooldown ({cooldown}) leave no window of the "
+            f"{result.duration} s run"
+        )
     pairs = [
         (latency, outcome)
         for latency, outcome, at in zip(
             result.latency, result.outcome, result.scheduled, strict=True
         )
-        if at >= warmup
+        if warmup <= at < end
     ]
     ok_latency = [latency for latency, outcome in pairs if outcome == OK]
     shed_latency = [latency for latency, outcome in pairs if outcome == SHED]
@@ -116,15 +122,8 @@ def summarize(
         else:
             errors += 1
     sent = len(pairs)
-    window = result.duration - warmup
-    answered_in_window = sum(
-        1
-        for at, latency, outcome in zip(
-            result.scheduled, result.latency, result.outcome, strict=True
-        )
-        if outcome == OK and warmup <= at + latency < result.duration
-    )
-    goodput = answered_in_window / window
+    window = end - warmup
+    goodput = counts[OK] / window
 
     def pct(count: int) -> float:
         return round(100.0 * count / sent, 3) if sent else 0.0
@@ -135,6 +134,7 @@ def summarize(
         sent_rate=round(sent / window, 1),
         duration=result.duration,
         warmup=warmup,
+        cooldown=cooldown,
         sent=sent,
         ok=counts[OK],
         shed=counts[SHED],
@@ -174,8 +174,10 @@ class Row:
         return None
 
 
-def rows_from_runs(runs: Sequence[PointRun], warmup: float = 0.0) -> list[Row]:
-    """Group point runs by target, in the order they ran; see :func:`summarize` for warmup."""
+def rows_from_runs(
+    runs: Sequence[PointRun], warmup: float = 0.0, cooldown: float = 0.0
+) -> list[Row]:
+    """Group point runs by target, in the order they ran; see :func:`summarize` for the window."""
     grouped: dict[str, list[PointRun]] = {}
     for run in runs:
         grouped.setdefault(run.target.key, []).append(run)
@@ -191,6 +193,7 @@ def rows_from_runs(runs: Sequence[PointRun], warmup: float = 0.0) -> list[Row]:
                 server_cpu=run.server_cpu,
                 wall=run.wall,
                 warmup=warmup,
+                cooldown=cooldown,
             )
             for run in target_runs
         )

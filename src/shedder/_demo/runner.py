@@ -186,7 +186,7 @@ def _load_average() -> list[float] | None:
 class _LiveProgress:
     """Rich progress: one bar for the whole run, one for the current point, live counts."""
 
-    def __init__(self, console: Any, total_points: int, warmup: float) -> None:
+    def __init__(self, console: Any, total_points: int, warmup: float, cooldown: float) -> None:
         from rich.progress import (
             BarColumn,
             MofNCompleteColumn,
@@ -197,6 +197,7 @@ class _LiveProgress:
 
         self.console = console
         self.warmup = warmup
+        self.cooldown = cooldown
         self.progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(bar_width=30),
@@ -245,7 +246,11 @@ class _LiveProgress:
         from .report import summarize
 
         point = summarize(
-            run.result, capacity=capacity, load_factor=run.load_factor, warmup=self.warmup
+            run.result,
+            capacity=capacity,
+            load_factor=run.load_factor,
+            warmup=self.warmup,
+            cooldown=self.cooldown,
         )
         p99 = "-" if point.p99_ok_ms is None else f"{point.p99_ok_ms:.0f} ms"
         self.console.print(
@@ -267,13 +272,15 @@ def run_comparison(
     title: str,
     seed: int = 1,
     warmup: float = 1.0,
+    cooldown: float = 1.0,
     port: int | None = None,
     console: Any = None,
     extra_meta: Mapping[str, Any] | None = None,
 ) -> Outcome:
     """Run every target at every load with live progress; print and write the results.
 
-    Requests scheduled in the first ``warmup`` seconds of each point are sent but not counted.
+    Requests sent in the first ``warmup`` and the last ``cooldown`` seconds of each point load
+    the server but are not counted (see :func:`~shedder._demo.report.summarize`).
     Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` in ``results_dir``. Servers are
     stopped whatever happens (KeyboardInterrupt included).
     """
@@ -290,6 +297,7 @@ def run_comparison(
         "deadline_s": deadline,
         "duration_s": duration,
         "warmup_s": warmup,
+        "cooldown_s": cooldown,
         "load_factors": list(load_factors),
         "seed": seed,
         "cpus": os.cpu_count(),
@@ -310,11 +318,11 @@ def run_comparison(
     console.print(
         f"[bold]{title}[/]\ncapacity {capacity:.0f} req/s "
         f"({targets[0].app.pool} connections x {targets[0].app.hold_ms:g} ms), "
-        f"client deadline {deadline:g} s, {duration:g} s per point (the first {warmup:g} s "
-        f"not counted), {pinning}; "
+        f"client deadline {deadline:g} s, {duration:g} s of load per point (requests sent in the "
+        f"first {warmup:g} s and the last {cooldown:g} s not counted), {pinning}; "
         f"load average {meta['load_average_before']}"
     )
-    with _LiveProgress(console, len(targets) * len(load_factors), warmup) as live:
+    with _LiveProgress(console, len(targets) * len(load_factors), warmup, cooldown) as live:
         runs = run_points(
             targets,
             load_factors,
@@ -329,7 +337,7 @@ def run_comparison(
         )
     meta["load_average_after"] = _load_average()
     meta["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    rows = rows_from_runs(runs, warmup)
+    rows = rows_from_runs(runs, warmup, cooldown)
     checks = check_targets(rows)
     console.print()
     console.print(rich_table(rows, checks, title))
