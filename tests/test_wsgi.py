@@ -508,3 +508,17 @@ def test_werkzeug_client_streaming_holds_slot_until_response_closed(
     response.close()
     assert throttler.in_flight == 0
     assert client.get("/").status_code == 200
+
+
+def test_unclosed_dropped_response_slot_is_reclaimed_on_next_request(
+    throttler: Throttler, releases: Releases
+) -> None:
+    mw = LoadSheddingMiddleware(hello, throttler)
+    result = mw(make_environ(), Captured())
+    assert b"".join(result) == b"hello"
+    assert throttler.in_flight == 1
+    del result  # dropped without close(): CPython finalises it at once
+    assert throttler.in_flight == 1  # the finaliser only queues the permit...
+    captured, _ = call(mw)  # ...and the next request gives it back first
+    assert captured.status == "200 OK"
+    assert (throttler.in_flight, releases.count) == (0, 2)

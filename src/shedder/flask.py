@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, ParamSpec, Protocol, cast, overload
 
@@ -27,6 +28,7 @@ from ._http import (
     shed_response,
 )
 from ._throttler import Permit, Throttler, throttlers
+from .wsgi import Reclaimer
 
 __all__ = ["HealthEndpoint", "ViewDecorator", "health_view", "shed_load"]
 
@@ -78,6 +80,7 @@ def shed_load(
 
         responder = respond
     build_refusal: ShedResponder = responder
+    orphans = Reclaimer()
 
     def decorate(view: Callable[P, Any]) -> Callable[P, Any]:
         if inspect.iscoroutinefunction(view):
@@ -85,6 +88,7 @@ def shed_load(
 
             @functools.wraps(view)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> flask.Response:
+                orphans.reclaim()
                 try:
                     permit = await throttler.acquire_async(timeout)
                 except Overloaded as refusal:
@@ -94,12 +98,13 @@ def shed_load(
                 except BaseException:
                     permit.release()
                     raise
-                return _hold_until_closed(rv, permit)
+                return _hold_until_closed(rv, permit, orphans)
 
             return async_wrapper
 
         @functools.wraps(view)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> flask.Response:
+            orphans.reclaim()
             try:
                 permit = throttler.acquire(timeout)
             except Overloaded as refusal:
@@ -109,14 +114,14 @@ def shed_load(
             except BaseException:
                 permit.release()
                 raise
-            return _hold_until_closed(rv, permit)
+            return _hold_until_closed(rv, permit, orphans)
 
         return wrapper
 
     return cast(ViewDecorator, decorate)
 
 
-def _hold_until_closed(rv: Any, permit: Permit) -> flask.Response:
+def _hold_until_closed(rv: Any, permit: Permit, orphans: Reclaimer) -> flask.Response:
     """Convert the view's return value and tie the release to the response's close()."""
     try:
         response = flask.current_app.make_response(rv)
@@ -124,6 +129,8 @@ def _hold_until_closed(rv: Any, permit: Permit) -> flask.Response:
         # the last chunk of a stream. An after_request hook that swaps in a new response
         # object must close the old one, as werkzeug's own wrappers do.
         response.call_on_close(permit.release)
+        # A response dropped unclosed (test clients do that) must not keep its slot forever.
+        weakref.finalize(response, orphans.orphan, permit)
     except BaseException:
         permit.release()
         raise

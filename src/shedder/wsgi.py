@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import logging
+import queue
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,8 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 __all__ = ["LoadSheddingMiddleware"]
+
+logger = logging.getLogger("shedder")
 
 _ALLOWED_STATUS = (503, 429)
 _READ_METHODS = ("GET", "HEAD")
@@ -107,6 +111,7 @@ class LoadSheddingMiddleware:
 
             self._metrics_response = metrics_response
         self._not_allowed = method_not_allowed_response(_READ_METHODS)
+        self._orphans = Reclaimer()
 
     def _default_responder(self, refusal: Overloaded) -> HTTPResponse:
         return shed_response(refusal, self._status_code)
@@ -120,6 +125,7 @@ class LoadSheddingMiddleware:
         if path_matches(path, self._exact, self._prefixes):
             return self.app(environ, start_response)
 
+        self._orphans.reclaim()
         # Decided before the app sees the request; a refused request never reaches it.
         try:
             permit = self.throttler.acquire()
@@ -131,7 +137,7 @@ class LoadSheddingMiddleware:
         except BaseException:
             permit.release()
             raise
-        return _hold_until_close(result, permit, environ)
+        return _hold_until_close(result, permit, environ, self._orphans)
 
     # -- endpoints ------------------------------------------------------------------------------
 
@@ -141,6 +147,7 @@ class LoadSheddingMiddleware:
         start_response: StartResponse,
         build: Callable[[WSGIEnvironment], HTTPResponse],
     ) -> list[bytes]:
+        self._orphans.reclaim()  # so the figures reported are true
         if environ.get("REQUEST_METHOD", "GET") not in _READ_METHODS:
             return _send(self._not_allowed, environ, start_response)
         return _send(build(environ), environ, start_response)
@@ -163,8 +170,44 @@ def _send(
     return [response.body]
 
 
+class Reclaimer:
+    """Gives back the slots of responses dropped without ``close()``.
+
+    PEP 3333 servers always call ``close()``, but some callers do not (werkzeug's and Flask's
+    test clients leave unbuffered responses open), and a leaked slot would be lost for good.
+    A finaliser may run in the middle of any allocation, even one made while the throttler's
+    lock is held, so it must not release there: it only queues the permit
+    (``SimpleQueue.put`` is reentrant-safe) and the next request releases it.
+    """
+
+    __slots__ = ("_queue", "_warned")
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Permit] = queue.SimpleQueue()
+        self._warned = False
+
+    def orphan(self, permit: Permit) -> None:
+        """From a finaliser: the response holding ``permit`` is gone."""
+        if not permit.released:
+            self._queue.put(permit)
+
+    def reclaim(self) -> None:
+        """Release the orphaned permits; called on the request path, never in a finaliser."""
+        while not self._queue.empty():
+            try:
+                permit = self._queue.get_nowait()
+            except queue.Empty:  # pragma: no cover - another thread drained it first
+                return
+            if permit.release() and not self._warned:
+                self._warned = True
+                logger.warning(
+                    "a response was garbage-collected without close(); its slot was reclaimed"
+                    " (close responses, or pass buffered=True to test clients)"
+                )
+
+
 def _hold_until_close(
-    result: Iterable[bytes], permit: Permit, environ: WSGIEnvironment
+    result: Iterable[bytes], permit: Permit, environ: WSGIEnvironment, orphans: Reclaimer
 ) -> Iterable[bytes]:
     """Tie the permit's release to ``result.close()``, which the server calls when done."""
     file_wrapper = environ.get("wsgi.file_wrapper")
@@ -186,18 +229,19 @@ def _hold_until_close(
             pass  # __slots__ or a read-only close: fall back to wrapping (no sendfile)
         else:
             return result
-    return _ReleasingIterable(result, permit)
+    return _ReleasingIterable(result, permit, orphans)
 
 
 class _ReleasingIterable:
     """Forwards the app's iterable and releases the permit on ``close()``, exactly once."""
 
-    __slots__ = ("_closed", "_iterable", "_iterator", "_permit")
+    __slots__ = ("_closed", "_iterable", "_iterator", "_orphans", "_permit")
 
-    def __init__(self, iterable: Iterable[bytes], permit: Permit) -> None:
+    def __init__(self, iterable: Iterable[bytes], permit: Permit, orphans: Reclaimer) -> None:
         self._iterable = iterable
         self._iterator: Iterator[bytes] | None = None
         self._permit = permit
+        self._orphans = orphans
         self._closed = False
 
     def __iter__(self) -> Iterator[bytes]:
@@ -220,3 +264,7 @@ class _ReleasingIterable:
                 inner_close()
         finally:
             self._permit.release()
+
+    def __del__(self) -> None:
+        if not self._closed:
+            self._orphans.orphan(self._permit)
