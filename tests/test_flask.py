@@ -121,7 +121,7 @@ def test_wraps_and_keyword_only_options(heavy: Throttler) -> None:
     wrapped = shed_load(heavy)(view)
     assert (wrapped.__name__, wrapped.__doc__, wrapped.__wrapped__) == ("view", "Docs.", view)  # type: ignore[attr-defined]
     with pytest.raises(TypeError):
-        shed_load(heavy, 429)  # type: ignore[misc]
+        shed_load(heavy, 429)  # type: ignore[call-arg]
     with pytest.raises(ValueError, match="503 or 429, got 500"):
         shed_load(heavy, status_code=500)
     with pytest.raises(TypeError, match=r"shedder\.Throttler"):
@@ -167,7 +167,7 @@ def test_middleware_and_decorator_together(heavy: Throttler) -> None:
     with client.get("/heavy") as refused:
         assert (refused.status_code, calls) == (503, [])
     stream.close()
-    assert (heavy.in_flight, app.wsgi_app.throttler.in_flight) == (0, 0)  # type: ignore[attr-defined]
+    assert (heavy.in_flight, app.wsgi_app.throttler.in_flight) == (0, 0)
     with client.get("/heavy") as response:
         assert response.status_code == 200
     assert client.get("/health/load").status_code == 200

@@ -46,7 +46,7 @@ class Captured:
         return next((v for k, v in self.headers if k.lower() == name.lower()), None)
 
 
-def make_environ(path: str = "/", method: str = "GET", **extra: Any) -> Environ:
+def make_environ(path: str = "/", method: str = "GET", **extra: object) -> Environ:
     environ: Environ = {"PATH_INFO": path, "REQUEST_METHOD": method}
     wsgiref.util.setup_testing_defaults(environ)
     environ.update(extra)
@@ -385,16 +385,16 @@ def test_file_wrapper_is_returned_as_is_and_released_on_close(
         from gunicorn.http.wsgi import FileWrapper
 
         wrapper_class = FileWrapper
-    environ = make_environ(**{"wsgi.file_wrapper": wrapper_class})
+    environ = make_environ("/", "GET", **{"wsgi.file_wrapper": wrapper_class})
     result = LoadSheddingMiddleware(file_app, throttler)(environ, Captured())
     # The server's own object, so it can still use sendfile.
     assert result is environ["test.returned"]
     assert type(result) is wrapper_class
     assert b"".join(result) == b"file body"
     assert throttler.in_flight == 1
-    result.close()  # type: ignore[attr-defined]
+    result.close()
     assert (throttler.in_flight, releases.count) == (0, 1)
-    assert result.filelike.closed  # type: ignore[attr-defined]
+    assert result.filelike.closed
 
 
 def test_file_wrapper_with_slots_falls_back_to_wrapping(
@@ -412,7 +412,7 @@ def test_file_wrapper_with_slots_falls_back_to_wrapping(
         def close(self) -> None:
             self.filelike.close()
 
-    environ = make_environ(**{"wsgi.file_wrapper": SlotsWrapper})
+    environ = make_environ("/", "GET", **{"wsgi.file_wrapper": SlotsWrapper})
     result = LoadSheddingMiddleware(file_app, throttler)(environ, Captured())
     assert result is not environ["test.returned"]
     assert b"".join(result) == b"file body"
