@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import threading
 import wsgiref.util
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import shedder
 from shedder import Overloaded, Throttler, ThrottlerListener
 from shedder._http import HTTPResponse
 from shedder.wsgi import LoadSheddingMiddleware
@@ -522,3 +526,29 @@ def test_unclosed_dropped_response_slot_is_reclaimed_on_next_request(
     captured, _ = call(mw)  # ...and the next request gives it back first
     assert captured.status == "200 OK"
     assert (throttler.in_flight, releases.count) == (0, 2)
+
+
+def test_missing_prometheus_fails_at_construction(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "prometheus_client", None)
+    monkeypatch.delitem(sys.modules, "shedder.prometheus", raising=False)
+    with pytest.raises(ImportError, match=r"loadshedder\[prometheus\]"):
+        LoadSheddingMiddleware(hello, max_concurrency=1, metrics_path="/metrics")
+    # Without metrics_path nothing is imported, and nothing fails.
+    assert LoadSheddingMiddleware(hello, max_concurrency=1).metrics_path is None
+
+
+def test_import_shedder_wsgi_imports_no_framework() -> None:
+    code = (
+        "import sys, shedder, shedder.wsgi; "
+        "print(sorted(m for m in ('flask', 'werkzeug', 'starlette', 'httpx', 'prometheus_client')"
+        " if m in sys.modules))"
+    )
+    src = str(Path(shedder.__file__).resolve().parent.parent)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={"PYTHONPATH": src},
+    )
+    assert out.stdout.strip() == "[]"

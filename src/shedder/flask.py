@@ -28,7 +28,7 @@ from ._http import (
     shed_response,
 )
 from ._throttler import Permit, Throttler, throttlers
-from .wsgi import Reclaimer
+from .wsgi import _Reclaimer
 
 __all__ = ["HealthEndpoint", "ViewDecorator", "health_view", "shed_load"]
 
@@ -80,7 +80,7 @@ def shed_load(
 
         responder = respond
     build_refusal: ShedResponder = responder
-    orphans = Reclaimer()
+    orphans = _Reclaimer()
 
     def decorate(view: Callable[P, Any]) -> Callable[P, Any]:
         if inspect.iscoroutinefunction(view):
@@ -121,7 +121,7 @@ def shed_load(
     return cast(ViewDecorator, decorate)
 
 
-def _hold_until_closed(rv: Any, permit: Permit, orphans: Reclaimer) -> flask.Response:
+def _hold_until_closed(rv: Any, permit: Permit, orphans: _Reclaimer) -> flask.Response:
     """Convert the view's return value and tie the release to the response's close()."""
     try:
         response = flask.current_app.make_response(rv)

@@ -111,7 +111,7 @@ class LoadSheddingMiddleware:
 
             self._metrics_response = metrics_response
         self._not_allowed = method_not_allowed_response(_READ_METHODS)
-        self._orphans = Reclaimer()
+        self._orphans = _Reclaimer()
 
     def _default_responder(self, refusal: Overloaded) -> HTTPResponse:
         return shed_response(refusal, self._status_code)
@@ -170,7 +170,7 @@ def _send(
     return [response.body]
 
 
-class Reclaimer:
+class _Reclaimer:
     """Gives back the slots of responses dropped without ``close()``.
 
     PEP 3333 servers always call ``close()``, but some callers do not (werkzeug's and Flask's
@@ -207,7 +207,7 @@ class Reclaimer:
 
 
 def _hold_until_close(
-    result: Iterable[bytes], permit: Permit, environ: WSGIEnvironment, orphans: Reclaimer
+    result: Iterable[bytes], permit: Permit, environ: WSGIEnvironment, orphans: _Reclaimer
 ) -> Iterable[bytes]:
     """Tie the permit's release to ``result.close()``, which the server calls when done."""
     file_wrapper = environ.get("wsgi.file_wrapper")
@@ -237,7 +237,7 @@ class _ReleasingIterable:
 
     __slots__ = ("_closed", "_iterable", "_iterator", "_orphans", "_permit")
 
-    def __init__(self, iterable: Iterable[bytes], permit: Permit, orphans: Reclaimer) -> None:
+    def __init__(self, iterable: Iterable[bytes], permit: Permit, orphans: _Reclaimer) -> None:
         self._iterable = iterable
         self._iterator: Iterator[bytes] | None = None
         self._permit = permit
