@@ -218,6 +218,7 @@ def test_throttler_options_build_a_throttler() -> None:
         ({"max_concurrency": 1, "health_path": "health"}, ValueError, "health_path"),
         ({"max_concurrency": 1, "exempt": "/static/"}, TypeError, "single string"),
         ({"max_concurrency": 0}, ValueError, "max_concurrency must be >= 1"),
+        ({"max_concurrency": 1, "health_throttlers": ["api"]}, TypeError, "health_throttlers"),
     ],
 )
 def test_configuration_errors(kwargs: dict[str, Any], error: type[Exception], match: str) -> None:

@@ -102,6 +102,13 @@ class LoadSheddingMiddleware:
         self._exact, self._prefixes = normalize_path_rules(exempt)
         self._status_code = status_code
         self._responder: ShedResponder = responder or self._default_responder
+        if isinstance(health_throttlers, Throttler):
+            health_throttlers = (health_throttlers,)
+        for extra in health_throttlers:
+            if not isinstance(extra, Throttler):
+                raise TypeError(
+                    f"health_throttlers must hold shedder.Throttler objects, got {extra!r}"
+                )
         self._health_throttlers = (throttler, *health_throttlers)
         self._metrics_registry = metrics_registry
         self._metrics_response: Callable[[Any, str | None], HTTPResponse] | None = None
