@@ -1,0 +1,235 @@
+"""An httpx client that honours backpressure (extra ``client``).
+
+On 429/503 it waits as long as ``Retry-After`` says (or backs off with full jitter), retries
+only idempotent requests whose body can be sent again, and never spends more than its
+:class:`RetryBudget` allows; optional adaptive throttling refuses locally when the server
+refuses most work anyway. All decisions live in :class:`RetryPolicy` (shared with nothing
+httpx-specific); the transports here only send, read and sleep.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from ._budget import AdaptiveThrottle, ClientThrottled, RetryBudget
+from ._retry import (
+    IDEMPOTENT_METHODS,
+    RETRYABLE_STATUSES,
+    Failed,
+    Plan,
+    Read,
+    RetryEvent,
+    RetryPolicy,
+    Sleep,
+    backoff_delay,
+    parse_retry_after,
+)
+
+try:
+    import anyio
+    import httpx
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise ImportError('shedder.client needs httpx: pip install "loadshedder[client]"') from None
+
+__all__ = [
+    "IDEMPOTENT_METHODS",
+    "RETRYABLE_ERRORS",
+    "RETRYABLE_STATUSES",
+    "AdaptiveThrottle",
+    "AsyncBackpressureAwareClient",
+    "AsyncBackpressureTransport",
+    "BackpressureAwareClient",
+    "BackpressureTransport",
+    "ClientThrottled",
+    "MaxRetriesExceeded",
+    "RetryBudget",
+    "RetryEvent",
+    "RetryPolicy",
+    "backoff_delay",
+    "parse_retry_after",
+]
+
+RETRYABLE_ERRORS: tuple[type[httpx.TransportError], ...] = (
+    httpx.ConnectError,  # refused, unreachable: the request never left
+    httpx.ReadError,  # reset while waiting for the response
+    httpx.WriteError,
+    httpx.RemoteProtocolError,  # closed without a response
+)
+"""Connection errors retried (with backoff) for idempotent requests. Timeouts are not: a
+server too slow to answer is not helped by more requests."""
+
+
+class MaxRetriesExceeded(httpx.HTTPStatusError):
+    """Every attempt was refused (429/503); ``response`` is the last one, already read.
+
+    ``attempts`` counts all sends, the first included. Being an ``httpx.HTTPStatusError``, it
+    is caught where ``raise_for_status()`` errors are.
+    """
+
+    def __init__(self, request: httpx.Request, response: httpx.Response, attempts: int) -> None:
+        response.request = request  # a transport's response is not yet bound to its request
+        super().__init__(
+            f"{request.method} {_target_url(request)}: still {response.status_code} "
+            f"after {attempts} attempts",
+            request=request,
+            response=response,
+        )
+        self.attempts = attempts
+
+
+def _target_url(request: httpx.Request) -> str:
+    # Logs and messages name the resource but never credentials or query strings.
+    url = request.url
+    return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}"
+
+
+def _plan(policy: RetryPolicy, request: httpx.Request) -> Plan[httpx.Response]:
+    # Bytes given up front (or a body already read) can be sent again; a generator, file or
+    # multipart stream is sent once.
+    return policy.plan(
+        request.method,
+        replayable=isinstance(request.stream, httpx.ByteStream),
+        target=f"{request.method} {_target_url(request)}",
+        exhausted=lambda response, attempts: MaxRetriesExceeded(request, response, attempts),
+    )
+
+
+def _failed(error: Exception) -> Failed:
+    return Failed(error, retryable=isinstance(error, RETRYABLE_ERRORS))
+
+
+class BackpressureTransport(httpx.BaseTransport):
+    """Wraps a sync httpx transport (default ``httpx.HTTPTransport()``) with ``policy``.
+
+    ``sleep`` (seconds) is injectable for tests. Raises :class:`MaxRetriesExceeded` when
+    retries run out (unless the policy says to return the response) and
+    :class:`ClientThrottled` when adaptive throttling refuses locally.
+    """
+
+    def __init__(
+        self,
+        transport: httpx.BaseTransport | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], object] = time.sleep,
+    ) -> None:
+        self.transport = httpx.HTTPTransport() if transport is None else transport
+        self.policy = RetryPolicy() if policy is None else policy
+        self._sleep = sleep
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        plan = _plan(self.policy, request)
+        reply: httpx.Response | Failed | None = None
+        while True:
+            try:
+                step = plan.send(reply)
+            except StopIteration as done:
+                response: httpx.Response = done.value
+                return response
+            reply = None
+            if isinstance(step, Sleep):
+                self._sleep(step.seconds)
+            elif isinstance(step, Read):
+                step.response.read()
+            else:
+                try:
+                    reply = self.transport.handle_request(request)
+                except Exception as exc:
+                    reply = _failed(exc)
+
+    def close(self) -> None:
+        self.transport.close()
+
+
+class AsyncBackpressureTransport(httpx.AsyncBaseTransport):
+    """Wraps an async httpx transport (default ``httpx.AsyncHTTPTransport()``) with ``policy``.
+
+    The async twin of :class:`BackpressureTransport`; ``sleep`` defaults to ``anyio.sleep``
+    (asyncio and trio).
+    """
+
+    def __init__(
+        self,
+        transport: httpx.AsyncBaseTransport | None = None,
+        *,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
+    ) -> None:
+        self.transport = httpx.AsyncHTTPTransport() if transport is None else transport
+        self.policy = RetryPolicy() if policy is None else policy
+        self._sleep = sleep
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        plan = _plan(self.policy, request)
+        reply: httpx.Response | Failed | None = None
+        while True:
+            try:
+                step = plan.send(reply)
+            except StopIteration as done:
+                response: httpx.Response = done.value
+                return response
+            reply = None
+            if isinstance(step, Sleep):
+                await self._sleep(step.seconds)
+            elif isinstance(step, Read):
+                await step.response.aread()
+            else:
+                try:
+                    reply = await self.transport.handle_async_request(request)
+                except Exception as exc:
+                    reply = _failed(exc)
+
+    async def aclose(self) -> None:
+        await self.transport.aclose()
+
+
+class BackpressureAwareClient(httpx.Client):
+    """An ``httpx.Client`` whose transports (mounts included) honour backpressure.
+
+    ``policy`` and ``sleep`` as for :class:`BackpressureTransport`; every other keyword goes to
+    ``httpx.Client``. All transports of one client share the policy and so its budget.
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], object] = time.sleep,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        policy = RetryPolicy() if policy is None else policy
+
+        def wrap(transport: httpx.BaseTransport) -> httpx.BaseTransport:
+            return BackpressureTransport(transport, policy=policy, sleep=sleep)
+
+        # Wrapping what httpx.Client built keeps all its transport options (verify, limits,
+        # proxies, mounts) working without restating them here.
+        self._transport = wrap(self._transport)
+        self._mounts = {k: None if t is None else wrap(t) for k, t in self._mounts.items()}
+
+
+class AsyncBackpressureAwareClient(httpx.AsyncClient):
+    """An ``httpx.AsyncClient`` whose transports (mounts included) honour backpressure.
+
+    ``policy`` and ``sleep`` as for :class:`AsyncBackpressureTransport`; every other keyword
+    goes to ``httpx.AsyncClient``.
+    """
+
+    def __init__(
+        self,
+        *,
+        policy: RetryPolicy | None = None,
+        sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        policy = RetryPolicy() if policy is None else policy
+
+        def wrap(transport: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
+            return AsyncBackpressureTransport(transport, policy=policy, sleep=sleep)
+
+        self._transport = wrap(self._transport)
+        self._mounts = {k: None if t is None else wrap(t) for k, t in self._mounts.items()}
