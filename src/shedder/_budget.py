@@ -47,12 +47,18 @@ class _SlidingCounts:
         return [sum(counts[kind + 1] for counts in self._slices) for kind in range(self._kinds)]
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not value > 0 or math.isinf(value):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+class _Windowed:
+    """A lock and two counts over a sliding window: what budgets and throttles share."""
+
+    def __init__(self, window: float, clock: Callable[[], float]) -> None:
+        if not 0 < window < math.inf:
+            raise ValueError(f"window must be a finite number > 0, got {window!r}")
+        self.window = window
+        self._lock = threading.Lock()
+        self._counts = _SlidingCounts(window, 2, clock)
 
 
-class RetryBudget:
+class RetryBudget(_Windowed):
     """Caps retries at ``ratio`` of recent requests plus ``min_retries_per_second``.
 
     Over the last ``window`` seconds, retries may number at most
@@ -82,12 +88,9 @@ class RetryBudget:
                 f"min_retries_per_second must be a finite number >= 0, "
                 f"got {min_retries_per_second!r}"
             )
-        _check_positive("window", window)
+        super().__init__(window, clock)
         self.ratio = ratio
         self.min_retries_per_second = min_retries_per_second
-        self.window = window
-        self._lock = threading.Lock()
-        self._counts = _SlidingCounts(window, 2, clock)
 
     def deposit(self) -> None:
         """Counts a first attempt: each one earns ``ratio`` of a retry."""
@@ -141,7 +144,7 @@ class ClientThrottled(Exception):
         )
 
 
-class AdaptiveThrottle:
+class AdaptiveThrottle(_Windowed):
     """Client-side adaptive throttling, from Google's SRE book ("Handling Overload").
 
     Over the last ``window`` seconds the client counts ``requests`` (every attempt, including
@@ -166,12 +169,9 @@ class AdaptiveThrottle:
     ) -> None:
         if not 1 <= k < math.inf:
             raise ValueError(f"k must be a finite number >= 1, got {k!r}")
-        _check_positive("window", window)
+        super().__init__(window, clock)
         self.k = k
-        self.window = window
         self._random = random
-        self._lock = threading.Lock()
-        self._counts = _SlidingCounts(window, 2, clock)
 
     def reject_probability(self) -> float:
         """The current chance that :meth:`admit` refuses, in [0, 1)."""

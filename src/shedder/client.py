@@ -9,9 +9,10 @@ httpx-specific); the transports here only send, read and sleep.
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from ._budget import AdaptiveThrottle, ClientThrottled, RetryBudget
 from ._retry import (
@@ -185,11 +186,23 @@ class AsyncBackpressureTransport(httpx.AsyncBaseTransport):
         await self.transport.aclose()
 
 
+K = TypeVar("K")
+T = TypeVar("T")
+
+
+def _wrap_all(
+    transport: T, mounts: dict[K, T | None], wrap: Callable[[T], T]
+) -> tuple[T, dict[K, T | None]]:
+    # Wrapping what httpx built keeps all its transport options (verify, limits, proxies,
+    # mounts) working without restating them; mounts share the policy and so its budget.
+    return wrap(transport), {k: None if t is None else wrap(t) for k, t in mounts.items()}
+
+
 class BackpressureAwareClient(httpx.Client):
     """An ``httpx.Client`` whose transports (mounts included) honour backpressure.
 
     ``policy`` and ``sleep`` as for :class:`BackpressureTransport`; every other keyword goes to
-    ``httpx.Client``. All transports of one client share the policy and so its budget.
+    ``httpx.Client``.
     """
 
     def __init__(
@@ -200,15 +213,8 @@ class BackpressureAwareClient(httpx.Client):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        policy = RetryPolicy() if policy is None else policy
-
-        def wrap(transport: httpx.BaseTransport) -> httpx.BaseTransport:
-            return BackpressureTransport(transport, policy=policy, sleep=sleep)
-
-        # Wrapping what httpx.Client built keeps all its transport options (verify, limits,
-        # proxies, mounts) working without restating them here.
-        self._transport = wrap(self._transport)
-        self._mounts = {k: None if t is None else wrap(t) for k, t in self._mounts.items()}
+        wrap = functools.partial(BackpressureTransport, policy=policy or RetryPolicy(), sleep=sleep)
+        self._transport, self._mounts = _wrap_all(self._transport, self._mounts, wrap)
 
 
 class AsyncBackpressureAwareClient(httpx.AsyncClient):
@@ -226,10 +232,7 @@ class AsyncBackpressureAwareClient(httpx.AsyncClient):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        policy = RetryPolicy() if policy is None else policy
-
-        def wrap(transport: httpx.AsyncBaseTransport) -> httpx.AsyncBaseTransport:
-            return AsyncBackpressureTransport(transport, policy=policy, sleep=sleep)
-
-        self._transport = wrap(self._transport)
-        self._mounts = {k: None if t is None else wrap(t) for k, t in self._mounts.items()}
+        wrap = functools.partial(
+            AsyncBackpressureTransport, policy=policy or RetryPolicy(), sleep=sleep
+        )
+        self._transport, self._mounts = _wrap_all(self._transport, self._mounts, wrap)
