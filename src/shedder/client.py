@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 from ._budget import AdaptiveThrottle, ClientThrottled, RetryBudget
@@ -23,6 +23,7 @@ from ._retry import (
     Read,
     RetryEvent,
     RetryPolicy,
+    Send,
     Sleep,
     backoff_delay,
     parse_retry_after,
@@ -86,19 +87,45 @@ def _target_url(request: httpx.Request) -> str:
     return f"{url.scheme}://{url.netloc.decode('ascii')}{url.path}"
 
 
-def _plan(policy: RetryPolicy, request: httpx.Request) -> Plan[httpx.Response]:
-    # Bytes given up front (or a body already read) can be sent again; a generator, file or
-    # multipart stream is sent once.
-    return policy.plan(
-        request.method,
-        replayable=isinstance(request.stream, httpx.ByteStream),
-        target=f"{request.method} {_target_url(request)}",
-        exhausted=lambda response, attempts: MaxRetriesExceeded(request, response, attempts),
-    )
+class _Run:
+    """One request's trip through a policy: iterate over the I/O steps, set ``reply``.
 
+    After a :class:`Send` step, set ``reply`` with :meth:`sent` or :meth:`failed`; when the
+    iteration ends, ``response`` is the answer for the caller (or the plan raised).
+    """
 
-def _failed(error: Exception) -> Failed:
-    return Failed(error, retryable=isinstance(error, RETRYABLE_ERRORS))
+    def __init__(self, policy: RetryPolicy, request: httpx.Request) -> None:
+        # Bytes given up front (or a body already read) can be sent again; a generator, file
+        # or multipart stream is sent once.
+        self._plan: Plan[httpx.Response] = policy.plan(
+            request.method,
+            replayable=isinstance(request.stream, httpx.ByteStream),
+            target=f"{request.method} {_target_url(request)}",
+            exhausted=lambda response, attempts: MaxRetriesExceeded(request, response, attempts),
+        )
+        self._reply: httpx.Response | Failed | None = None
+        self.response: httpx.Response | None = None
+
+    def __iter__(self) -> Iterator[Send | Read[httpx.Response] | Sleep]:
+        while True:
+            try:
+                step = self._plan.send(self._reply)
+            except StopIteration as done:
+                self.response = done.value
+                return
+            self._reply = None
+            yield step
+
+    def sent(self, response: httpx.Response) -> None:
+        self._reply = response
+
+    def failed(self, error: Exception) -> None:
+        self._reply = Failed(error, retryable=isinstance(error, RETRYABLE_ERRORS))
+
+    def result(self) -> httpx.Response:
+        if self.response is None:  # pragma: no cover - only if iteration was cut short
+            raise RuntimeError("the request's retry plan has not finished")
+        return self.response
 
 
 class BackpressureTransport(httpx.BaseTransport):
@@ -121,24 +148,18 @@ class BackpressureTransport(httpx.BaseTransport):
         self._sleep = sleep
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        plan = _plan(self.policy, request)
-        reply: httpx.Response | Failed | None = None
-        while True:
-            try:
-                step = plan.send(reply)
-            except StopIteration as done:
-                response: httpx.Response = done.value
-                return response
-            reply = None
+        run = _Run(self.policy, request)
+        for step in run:
             if isinstance(step, Sleep):
                 self._sleep(step.seconds)
             elif isinstance(step, Read):
                 step.response.read()
             else:
                 try:
-                    reply = self.transport.handle_request(request)
+                    run.sent(self.transport.handle_request(request))
                 except Exception as exc:
-                    reply = _failed(exc)
+                    run.failed(exc)
+        return run.result()
 
     def close(self) -> None:
         self.transport.close()
@@ -163,24 +184,18 @@ class AsyncBackpressureTransport(httpx.AsyncBaseTransport):
         self._sleep = sleep
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        plan = _plan(self.policy, request)
-        reply: httpx.Response | Failed | None = None
-        while True:
-            try:
-                step = plan.send(reply)
-            except StopIteration as done:
-                response: httpx.Response = done.value
-                return response
-            reply = None
+        run = _Run(self.policy, request)
+        for step in run:
             if isinstance(step, Sleep):
                 await self._sleep(step.seconds)
             elif isinstance(step, Read):
                 await step.response.aread()
             else:
                 try:
-                    reply = await self.transport.handle_async_request(request)
+                    run.sent(await self.transport.handle_async_request(request))
                 except Exception as exc:
-                    reply = _failed(exc)
+                    run.failed(exc)
+        return run.result()
 
     async def aclose(self) -> None:
         await self.transport.aclose()
