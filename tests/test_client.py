@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email.utils
 import logging
 import os
@@ -462,3 +463,14 @@ def test_missing_httpx_names_the_extra() -> None:
     )
     assert 'pip install "loadshedder[client]"' in result.stdout, result.stderr
     assert result.stdout.strip().endswith("True")  # raised `from None`
+
+
+async def test_cancelling_during_the_wait_stops_at_once() -> None:
+    server = Server(shed("30"), OK)
+    transport = AsyncBackpressureTransport(
+        httpx.MockTransport(server.async_handler), policy=policy()
+    )
+    async with httpx.AsyncClient(transport=transport) as c:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(c.get("http://test/"), timeout=0.2)
+    assert len(server.requests) == 1  # cancelled in its 30 s wait, never sent again
