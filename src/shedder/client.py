@@ -74,7 +74,7 @@ class MaxRetriesExceeded(httpx.HTTPStatusError):
         response.request = request  # a transport's response is not yet bound to its request
         super().__init__(
             f"{request.method} {_target_url(request)}: still {response.status_code} "
-            f"after {attempts} attempts",
+            f"after {attempts} attempt{'' if attempts == 1 else 's'}",
             request=request,
             response=response,
         )
