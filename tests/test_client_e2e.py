@@ -15,7 +15,6 @@ from typing import Any
 import httpx
 import pytest
 
-from client_server import serve
 from shedder.client import (
     AsyncBackpressureAwareClient,
     BackpressureAwareClient,
@@ -23,6 +22,8 @@ from shedder.client import (
     RetryBudget,
     RetryPolicy,
 )
+
+from .client_server import serve
 
 pytestmark = pytest.mark.server
 
