@@ -25,10 +25,13 @@ def worker(directory: str, holds: int, ready: object, done: object) -> None:
 
 def test_the_answering_worker_sums_live_workers_and_drops_dead_ones(tmp_path: Path) -> None:
     context = multiprocessing.get_context("spawn")
-    done = context.Event()
+    # One "done" event per worker: a process killed while waiting on a shared one would leave
+    # that event unable to wake the others.
+    dones = []
     processes = []
     for holds in (1, 3):
-        ready = context.Event()
+        ready, done = context.Event(), context.Event()
+        dones.append(done)
         process = context.Process(target=worker, args=(str(tmp_path), holds, ready, done))
         process.start()
         assert ready.wait(30)
@@ -52,9 +55,11 @@ def test_the_answering_worker_sums_live_workers_and_drops_dead_ones(tmp_path: Pa
         assert stats.max_concurrency == 8
         assert len(list(tmp_path.glob("api.*.shedder"))) == 2
     finally:
-        done.set()
+        dones[0].set()
         for process in processes:
             process.join(10)
+            if process.is_alive():
+                process.kill()
 
 
 def test_without_published_records_the_local_figures_answer(tmp_path: Path) -> None:

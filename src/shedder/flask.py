@@ -1,0 +1,191 @@
+"""Flask helpers (extra ``flask``): a per-view throttle and a ``/health/load`` route.
+
+For the whole app, wrap ``app.wsgi_app`` in :class:`shedder.wsgi.LoadSheddingMiddleware`;
+these helpers are for throttling single views and for serving the health endpoint from Flask
+when no middleware is used.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any, ParamSpec, Protocol, cast, overload
+
+try:
+    import flask
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise ImportError('shedder.flask needs Flask: pip install "loadshedder[flask]"') from None
+
+from ._errors import Overloaded
+from ._http import (
+    DEFAULT_HEALTH_PATH,
+    HTTPResponse,
+    ShedResponder,
+    _json_response,
+    health_response,
+    shed_response,
+)
+from ._throttler import Permit, Throttler, throttlers
+from .wsgi import _Reclaimer
+
+__all__ = ["HealthEndpoint", "ViewDecorator", "health_view", "shed_load"]
+
+P = ParamSpec("P")
+
+
+class ViewDecorator(Protocol):
+    """What :func:`shed_load` returns: keeps the view's parameters, returns a response."""
+
+    @overload
+    def __call__(
+        self, view: Callable[P, Awaitable[Any]]
+    ) -> Callable[P, Awaitable[flask.Response]]: ...
+
+    @overload
+    def __call__(self, view: Callable[P, Any]) -> Callable[P, flask.Response]: ...
+
+
+_ALLOWED_STATUS = (503, 429)
+
+
+def _to_flask(response: HTTPResponse) -> flask.Response:
+    return flask.Response(response.body, status=response.status, headers=list(response.headers))
+
+
+def shed_load(
+    throttler: Throttler,
+    *,
+    status_code: int = 503,
+    responder: ShedResponder | None = None,
+    timeout: float | None = None,
+) -> ViewDecorator:
+    """Throttle one Flask view with ``throttler``; refusals get the 503 + ``Retry-After`` reply.
+
+    Put it under ``@app.route``. The slot is held until the response is closed, so a
+    streamed response counts while it streams. ``status_code`` is 503 or 429; ``responder``
+    builds a custom refusal; ``timeout`` overrides the throttler's ``queue_timeout`` (seconds).
+    Works for sync and ``async def`` views; the view's return value is turned into a
+    response with ``make_response``.
+    """
+    if not isinstance(throttler, Throttler):
+        raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
+    if status_code not in _ALLOWED_STATUS:
+        raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
+    if responder is None:
+
+        def respond(refusal: Overloaded) -> HTTPResponse:
+            return shed_response(refusal, status_code)
+
+        responder = respond
+    build_refusal: ShedResponder = responder
+    orphans = _Reclaimer()
+
+    def decorate(view: Callable[P, Any]) -> Callable[P, Any]:
+        if inspect.iscoroutinefunction(view):
+            async_view = cast(Callable[P, Awaitable[Any]], view)
+
+            @functools.wraps(view)
+            async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> flask.Response:
+                orphans.reclaim()
+                try:
+                    permit = await throttler.acquire_async(timeout)
+                except Overloaded as refusal:
+                    return _to_flask(build_refusal(refusal))
+                try:
+                    rv = await async_view(*args, **kwargs)
+                except BaseException:
+                    permit.release()
+                    raise
+                return _hold_until_closed(rv, permit, orphans)
+
+            return async_wrapper
+
+        @functools.wraps(view)
+        def wrapper(*args: P.args, **kwargs: P.kwargs) -> flask.Response:
+            orphans.reclaim()
+            try:
+                permit = throttler.acquire(timeout)
+            except Overloaded as refusal:
+                return _to_flask(build_refusal(refusal))
+            try:
+                rv = view(*args, **kwargs)
+            except BaseException:
+                permit.release()
+                raise
+            return _hold_until_closed(rv, permit, orphans)
+
+        return wrapper
+
+    return cast(ViewDecorator, decorate)
+
+
+def _hold_until_closed(rv: Any, permit: Permit, orphans: _Reclaimer) -> flask.Response:
+    """Convert the view's return value and tie the release to the response's close()."""
+    try:
+        response = flask.current_app.make_response(rv)
+        # Werkzeug calls this when the server closes the response iterable (PEP 3333), after
+        # the last chunk of a stream. An after_request hook that swaps in a new response
+        # object must close the old one, as werkzeug's own wrappers do.
+        response.call_on_close(permit.release)
+        # A response dropped unclosed (test clients do that) must not keep its slot forever.
+        weakref.finalize(response, orphans.orphan, permit)
+    except BaseException:
+        permit.release()
+        raise
+    return response
+
+
+def health_view(throttlers_: Sequence[Throttler] | None = None) -> flask.Response:
+    """The ``/health/load`` response as a Flask response; mount it with ``add_url_rule``.
+
+    Reports ``throttlers_``, or every live throttler in the process (:func:`shedder.throttlers`)
+    when ``None``. 200 while none is shedding, 503 while any one is.
+    """
+    reported = list(throttlers()) if throttlers_ is None else list(throttlers_)
+    if not reported:
+        # Nothing can shed: healthy, with nothing to report.
+        return _to_flask(_json_response(200, {"status": "ok", "throttlers": {}}))
+    return _to_flask(health_response(reported))
+
+
+class HealthEndpoint:
+    """Serves ``/health/load`` as a Flask route, for apps that use no middleware.
+
+    ``HealthEndpoint(app)`` or ``health = HealthEndpoint(); health.init_app(app)``. Reports
+    ``throttlers`` (default: every live throttler in the process) and answers GET and HEAD
+    (Flask answers 405 to other methods). The route is registered under the endpoint name
+    ``endpoint``; it is not throttled, except by a middleware you add in front of it.
+    """
+
+    def __init__(
+        self,
+        app: flask.Flask | None = None,
+        *,
+        path: str = DEFAULT_HEALTH_PATH,
+        throttlers: Sequence[Throttler] | None = None,
+        endpoint: str = "shedder_health",
+    ) -> None:
+        if not isinstance(path, str) or not path.startswith("/"):
+            raise ValueError(f"path must start with '/', got {path!r}")
+        if throttlers is not None:
+            throttlers = tuple(throttlers)
+            for t in throttlers:
+                if not isinstance(t, Throttler):
+                    raise TypeError(f"throttlers must be shedder.Throttler objects, got {t!r}")
+        self.path = path
+        self.throttlers = throttlers
+        self.endpoint = endpoint
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: flask.Flask) -> None:
+        """Register the route on ``app``."""
+        app.add_url_rule(
+            self.path, endpoint=self.endpoint, view_func=self.view, methods=["GET", "HEAD"]
+        )
+
+    def view(self) -> flask.Response:
+        """The route's view function."""
+        return health_view(self.throttlers)

@@ -1,0 +1,277 @@
+"""WSGI (PEP 3333) middleware: admission control in front of any WSGI app.
+
+``app.wsgi_app = LoadSheddingMiddleware(app.wsgi_app, max_concurrency=8)`` in Flask, or wrap
+``application`` in Django's ``wsgi.py``. No dependency beyond the standard library.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
+
+from ._errors import Overloaded
+from ._http import (
+    DEFAULT_HEALTH_PATH,
+    HTTPResponse,
+    ShedResponder,
+    health_response,
+    method_not_allowed_response,
+    normalize_path_rules,
+    path_matches,
+    shed_response,
+)
+from ._throttler import Permit, Throttler
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["LoadSheddingMiddleware"]
+
+logger = logging.getLogger("shedder")
+
+_ALLOWED_STATUS = (503, 429)
+_READ_METHODS = ("GET", "HEAD")
+
+
+class LoadSheddingMiddleware:
+    """Admit, queue or refuse each request before it reaches ``app``.
+
+    Args:
+        app: the WSGI application to protect.
+        throttler: the :class:`~shedder.Throttler` to use; or leave it out and pass its
+            keyword arguments (``max_concurrency=...``, ``max_queue=...``, ...) instead.
+        health_path: where to serve ``/health/load`` (GET and HEAD, never throttled);
+            ``None`` disables it. Matched against ``PATH_INFO`` (the path inside the app).
+        exempt: paths never throttled: exact paths, or prefixes ending in ``/`` or ``*``.
+        status_code: 503 (default) or 429 for refusals.
+        responder: builds the refusal response from the :class:`~shedder.Overloaded`
+            instead of the default JSON body.
+        health_throttlers: more throttlers for the health endpoint to report (for example
+            the ones guarding individual views).
+        metrics_path: where to serve the Prometheus exposition (needs the ``prometheus``
+            extra; ``ImportError`` at construction if it is missing). ``None``: not served.
+        metrics_registry: the ``prometheus_client`` registry to expose (default: global).
+
+    A slot is held from admission until the server calls the response iterable's
+    ``close()``, so a streaming response counts for as long as it streams. Waiting for a
+    slot blocks the server's worker thread for at most ``queue_timeout`` seconds: size the
+    server's thread pool to hold ``max_concurrency + max_queue`` requests and a few more.
+    The app finds the request's :class:`~shedder.Permit` in ``environ["shedder.permit"]``.
+    """
+
+    def __init__(
+        self,
+        app: WSGIApplication,
+        throttler: Throttler | None = None,
+        *,
+        health_path: str | None = DEFAULT_HEALTH_PATH,
+        exempt: Iterable[str] = (),
+        status_code: int = 503,
+        responder: ShedResponder | None = None,
+        health_throttlers: Sequence[Throttler] = (),
+        metrics_path: str | None = None,
+        metrics_registry: Any = None,
+        **throttler_options: Any,
+    ) -> None:
+        if throttler is not None and throttler_options:
+            raise TypeError(
+                "pass either a throttler or its keyword arguments, not both "
+                f"(got throttler and {', '.join(sorted(throttler_options))})"
+            )
+        if throttler is None:
+            if "max_concurrency" not in throttler_options:
+                raise TypeError(
+                    "pass a throttler, or the keyword arguments of a new one "
+                    "(at least max_concurrency)"
+                )
+            throttler = Throttler(**throttler_options)
+        elif not isinstance(throttler, Throttler):
+            raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
+        if status_code not in _ALLOWED_STATUS:
+            raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
+        for name, path in (("health_path", health_path), ("metrics_path", metrics_path)):
+            if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+                raise ValueError(f"{name} must be None or a path starting with '/', got {path!r}")
+
+        self.app = app
+        self.throttler = throttler
+        self.health_path = health_path
+        self.metrics_path = metrics_path
+        self._exact, self._prefixes = normalize_path_rules(exempt)
+        self._status_code = status_code
+        self._responder: ShedResponder = responder or self._default_responder
+        if isinstance(health_throttlers, Throttler):
+            health_throttlers = (health_throttlers,)
+        for extra in health_throttlers:
+            if not isinstance(extra, Throttler):
+                raise TypeError(
+                    f"health_throttlers must hold shedder.Throttler objects, got {extra!r}"
+                )
+        self._health_throttlers = (throttler, *health_throttlers)
+        self._metrics_registry = metrics_registry
+        self._metrics_response: Callable[[Any, str | None], HTTPResponse] | None = None
+        if metrics_path is not None:
+            # Import now so a missing extra fails at start-up, not on the first scrape.
+            from .prometheus import metrics_response
+
+            self._metrics_response = metrics_response
+        self._not_allowed = method_not_allowed_response(_READ_METHODS)
+        self._orphans = _Reclaimer()
+
+    def _default_responder(self, refusal: Overloaded) -> HTTPResponse:
+        return shed_response(refusal, self._status_code)
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        path = environ.get("PATH_INFO") or "/"
+        if path == self.health_path:
+            return self._serve(environ, start_response, self._health)
+        if path == self.metrics_path:
+            return self._serve(environ, start_response, self._metrics)
+        if path_matches(path, self._exact, self._prefixes):
+            return self.app(environ, start_response)
+
+        self._orphans.reclaim()
+        # Decided before the app sees the request; a refused request never reaches it.
+        try:
+            permit = self.throttler.acquire()
+        except Overloaded as refusal:
+            return _send(self._responder(refusal), environ, start_response)
+        environ["shedder.permit"] = permit
+        try:
+            result = self.app(environ, start_response)
+        except BaseException:
+            permit.release()
+            raise
+        return _hold_until_close(result, permit, environ, self._orphans)
+
+    # -- endpoints ------------------------------------------------------------------------------
+
+    def _serve(
+        self,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+        build: Callable[[WSGIEnvironment], HTTPResponse],
+    ) -> list[bytes]:
+        self._orphans.reclaim()  # so the figures reported are true
+        if environ.get("REQUEST_METHOD", "GET") not in _READ_METHODS:
+            return _send(self._not_allowed, environ, start_response)
+        return _send(build(environ), environ, start_response)
+
+    def _health(self, environ: WSGIEnvironment) -> HTTPResponse:
+        return health_response(self._health_throttlers)
+
+    def _metrics(self, environ: WSGIEnvironment) -> HTTPResponse:
+        if self._metrics_response is None:  # pragma: no cover - metrics_path implies it
+            raise RuntimeError("metrics_response was not loaded")
+        return self._metrics_response(self._metrics_registry, environ.get("HTTP_ACCEPT"))
+
+
+def _send(
+    response: HTTPResponse, environ: WSGIEnvironment, start_response: StartResponse
+) -> list[bytes]:
+    start_response(response.status_line, list(response.headers))
+    if environ.get("REQUEST_METHOD") == "HEAD":
+        return []
+    return [response.body]
+
+
+class _Reclaimer:
+    """Gives back the slots of responses dropped without ``close()``.
+
+    PEP 3333 servers always call ``close()``, but some callers do not (werkzeug's and Flask's
+    test clients leave unbuffered responses open), and a leaked slot would be lost for good.
+    A finaliser may run in the middle of any allocation, even one made while the throttler's
+    lock is held, so it must not release there: it only queues the permit
+    (``SimpleQueue.put`` is reentrant-safe) and the next request releases it.
+    """
+
+    __slots__ = ("_queue", "_warned")
+
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[Permit] = queue.SimpleQueue()
+        self._warned = False
+
+    def orphan(self, permit: Permit) -> None:
+        """From a finaliser: the response holding ``permit`` is gone."""
+        if not permit.released:
+            self._queue.put(permit)
+
+    def reclaim(self) -> None:
+        """Release the orphaned permits; called on the request path, never in a finaliser."""
+        while not self._queue.empty():
+            try:
+                permit = self._queue.get_nowait()
+            except queue.Empty:  # pragma: no cover - another thread drained it first
+                return
+            if permit.release() and not self._warned:
+                self._warned = True
+                logger.warning(
+                    "a response was garbage-collected without close(); its slot was reclaimed"
+                    " (close responses, or pass buffered=True to test clients)"
+                )
+
+
+def _hold_until_close(
+    result: Iterable[bytes], permit: Permit, environ: WSGIEnvironment, orphans: _Reclaimer
+) -> Iterable[bytes]:
+    """Tie the permit's release to ``result.close()``, which the server calls when done."""
+    file_wrapper = environ.get("wsgi.file_wrapper")
+    if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
+        # Servers (gunicorn) use sendfile only for their own file wrapper type: keep the
+        # object, and hook the release onto its close() instead of wrapping it.
+        inner_close = getattr(result, "close", None)
+
+        def close() -> None:
+            try:
+                if inner_close is not None:
+                    inner_close()
+            finally:
+                permit.release()
+
+        try:
+            result.close = close  # type: ignore[attr-defined]
+        except (AttributeError, TypeError):
+            pass  # __slots__ or a read-only close: fall back to wrapping (no sendfile)
+        else:
+            return result
+    return _ReleasingIterable(result, permit, orphans)
+
+
+class _ReleasingIterable:
+    """Forwards the app's iterable and releases the permit on ``close()``, exactly once."""
+
+    __slots__ = ("_closed", "_iterable", "_iterator", "_orphans", "_permit")
+
+    def __init__(self, iterable: Iterable[bytes], permit: Permit, orphans: _Reclaimer) -> None:
+        self._iterable = iterable
+        self._iterator: Iterator[bytes] | None = None
+        self._permit = permit
+        self._orphans = orphans
+        self._closed = False
+
+    def __iter__(self) -> Iterator[bytes]:
+        if self._iterator is None:
+            self._iterator = iter(self._iterable)
+        return self
+
+    def __next__(self) -> bytes:
+        if self._iterator is None:
+            self._iterator = iter(self._iterable)
+        return next(self._iterator)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            inner_close = getattr(self._iterable, "close", None)
+            if inner_close is not None:
+                inner_close()
+        finally:
+            self._permit.release()
+
+    def __del__(self) -> None:
+        if not self._closed:
+            self._orphans.orphan(self._permit)

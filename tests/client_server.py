@@ -1,0 +1,173 @@
+"""A real server for end-to-end client tests: any ASGI app under uvicorn on 127.0.0.1.
+
+Reusable: ``serve("package.module:app")`` runs any importable app (``factory=True`` for an
+app factory) with this worktree's ``src`` and ``tests`` on ``PYTHONPATH`` and yields its base
+URL. ``create_shedding_app`` is a small Starlette app that sheds on demand and records when
+each request arrived and when the client was told it might come back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import shedder
+
+SRC = Path(shedder.__file__).resolve().parent.parent
+TESTS = Path(__file__).resolve().parent
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextlib.contextmanager
+def serve(
+    app: str,
+    *,
+    factory: bool = False,
+    env: Mapping[str, str] | None = None,
+    startup_timeout: float = 20.0,
+) -> Iterator[str]:
+    """Runs ``app`` ("module:attribute") under uvicorn; yields ``http://127.0.0.1:PORT``.
+
+    Waits (bounded) until the port accepts connections; always terminates and reaps the
+    process. Raises RuntimeError with uvicorn's output if it exits or never listens.
+    """
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--log-level", "warning", "--no-access-log", *(["--factory"] if factory else [])]
+    path = os.pathsep.join([str(SRC), str(TESTS), os.environ.get("PYTHONPATH", "")])
+    process = subprocess.Popen(
+        command,
+        env={**os.environ, **(env or {}), "PYTHONPATH": path},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        _wait_until_listening(process, port, startup_timeout)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+
+
+def _wait_until_listening(process: subprocess.Popen[bytes], port: int, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            output = process.stdout.read().decode(errors="replace") if process.stdout else ""
+            raise RuntimeError(f"uvicorn exited with {process.returncode}:\n{output}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.05)  # readiness poll of a child process: nothing to wait on instead
+    raise RuntimeError(f"uvicorn did not listen on 127.0.0.1:{port} within {timeout} s")
+
+
+# --- the shedding app ------------------------------------------------------------------------
+
+
+def create_shedding_app() -> Any:
+    """A Starlette app that refuses on demand and keeps a log of arrivals per key.
+
+    - ``GET /shed/{key}?first=N&retry_after=V``: the first N requests for ``key`` get
+      ``503`` with ``Retry-After: V`` (``V = "date:S"`` sends an HTTP-date S seconds ahead),
+      later ones ``200 {"answer": 42}``.
+    - ``GET /hold?seconds=S``: takes the only slot of a 1-slot, no-queue ``Throttler`` and
+      streams ``admitted`` at once, then holds the slot S seconds before finishing.
+    - ``GET /work/{key}``: needs that slot; refused with shedder's own 503 while it is held.
+    - ``GET /arrivals/{key}``: ``[{"at", "not_before", "status"}]``, wall-clock seconds;
+      ``not_before`` is when the 503 said the client might come back (None on success).
+    """
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+
+    from shedder import Overloaded, Throttler
+    from shedder._http import shed_response
+
+    arrivals: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
+    throttler = Throttler(max_concurrency=1, max_queue=0, retry_after=1, name="client-e2e")
+
+    def record(key: str, at: float, status: int, not_before: float | None) -> None:
+        arrivals[key].append({"at": at, "not_before": not_before, "status": status})
+
+    async def shed(request: Request) -> Response:
+        at = time.time()
+        key = request.path_params["key"]
+        if len(arrivals[key]) < int(request.query_params.get("first", "2")):
+            value = request.query_params.get("retry_after", "1")
+            if value.startswith("date:"):
+                # HTTP-dates have whole seconds: the client may come back at that second.
+                not_before = float(math.floor(at) + int(value[5:]))
+                value = email.utils.formatdate(not_before, usegmt=True)
+            else:
+                not_before = at + int(value)
+            record(key, at, 503, not_before)
+            return JSONResponse({"error": "overloaded"}, 503, headers={"Retry-After": value})
+        record(key, at, 200, None)
+        return JSONResponse({"answer": 42})
+
+    async def hold(request: Request) -> Response:
+        permit = await throttler.acquire_async()
+        seconds = float(request.query_params.get("seconds", "1"))
+
+        async def body() -> AsyncIterator[bytes]:
+            try:
+                yield b"admitted\n"
+                await asyncio.sleep(seconds)
+                yield b"done\n"
+            finally:
+                permit.release()
+
+        return StreamingResponse(body(), media_type="text/plain")
+
+    async def work(request: Request) -> Response:
+        at = time.time()
+        key = request.path_params["key"]
+        try:
+            permit = await throttler.acquire_async()
+        except Overloaded as exc:
+            refusal = shed_response(exc)
+            record(key, at, refusal.status, at + exc.retry_after)
+            return Response(refusal.body, refusal.status, headers=dict(refusal.headers))
+        try:
+            record(key, at, 200, None)
+            return JSONResponse({"answer": 42})
+        finally:
+            permit.release()
+
+    async def log(request: Request) -> Response:
+        return JSONResponse(arrivals[request.path_params["key"]])
+
+    return Starlette(
+        routes=[
+            Route("/shed/{key}", shed),
+            Route("/hold", hold),
+            Route("/work/{key}", work),
+            Route("/arrivals/{key}", log),
+        ]
+    )
