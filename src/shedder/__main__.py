@@ -35,8 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument(
         "--seconds",
         type=float,
-        default=5.0,
-        help="seconds of load per step (default 5: about a minute in all)",
+        default=6.0,
+        help="seconds of load per step (default 6: about a minute in all)",
     )
     demo.add_argument(
         "--long", action="store_true", help="15 s per step and up to 8x (about 3 minutes)"
@@ -84,7 +84,7 @@ def _demo(args: argparse.Namespace) -> int:
         here = Path.cwd() / "benchmarks"
         results = here / "results" if here.is_dir() else Path.cwd() / "shedder-demo-results"
     loads = (*DEMO_LOADS, 8.0) if args.long else DEMO_LOADS
-    seconds = 15.0 if args.long and args.seconds == 5.0 else args.seconds
+    seconds = 15.0 if args.long and args.seconds == 6.0 else args.seconds
     try:
         with handle_sigterm():
             run_comparison(
