@@ -322,3 +322,17 @@ def test_demo_rejects_a_bad_option() -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["demo", "--seconds", "0"])
     assert exit_info.value.code == 2
+
+
+def test_side_by_side_has_a_line_per_load() -> None:
+    pytest.importorskip("rich")
+    from rich.console import Console
+
+    from shedder._demo.report import side_by_side
+
+    console = Console(width=200, record=True)
+    console.print(side_by_side(rows_from_runs(_runs()), "demo"))
+    text = console.export_text()
+    for factor in ("0.9x", "2x", "4x", "8x"):
+        assert f"{factor} (" in text
+    assert "396 (99%)" in text

@@ -97,6 +97,7 @@ def _demo(args: argparse.Namespace) -> int:
                 title="shedder demo: the same app with and without shedder",
                 port=args.port,
                 console=console,
+                compact=True,
             )
     except KeyboardInterrupt:
         console.print("[yellow]interrupted: servers stopped[/]")

@@ -28,6 +28,7 @@ __all__ = [
     "plot",
     "rich_table",
     "rows_from_runs",
+    "side_by_side",
     "summarize",
     "write_json",
 ]
@@ -444,6 +445,35 @@ def rich_table(rows: Sequence[Row], checks: Sequence[TargetCheck], title: str) -
                 cells.append(f"[{colour}]{'✓' if check.met else '✗'} {check.detail}[/]")
         targets.add_row(description, *cells)
     return Group(table, targets)
+
+
+def side_by_side(rows: Sequence[Row], title: str) -> Any:
+    """A rich table with one line per load and each configuration's key figures side by side."""
+    from rich.table import Table
+
+    table = Table(title=title, title_justify="left", header_style="bold")
+    table.add_column("offered load", justify="right")
+    for row in rows:
+        table.add_column(f"{row.label}\ngoodput/s", justify="right")
+        table.add_column(f"{row.label}\np99 ok (ms)", justify="right")
+        table.add_column(f"{row.label}\nrefused / timed out", justify="right")
+    offered = {p.load_factor: p.offered_rate for row in rows for p in row.points}
+    for factor in sorted(offered):
+        cells = [f"{factor:g}x ({offered[factor]:.0f}/s)"]
+        for row in rows:
+            point = row.at(factor)
+            if point is None:
+                cells += ["-", "-", "-"]
+                continue
+            style = _goodput_style(point)
+            p99 = "-" if point.p99_ok_ms is None else f"{point.p99_ok_ms:.0f}"
+            cells += [
+                f"[{style}]{point.goodput:.0f} ({point.goodput_pct:.0f}%)[/]",
+                p99,
+                f"{point.shed_pct:.0f}% / {point.timeout_pct:.0f}%",
+            ]
+        table.add_row(*cells)
+    return table
 
 
 def _goodput_style(point: PointSummary) -> str:

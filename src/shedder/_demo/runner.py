@@ -27,6 +27,7 @@ from .report import (
     plot,
     rich_table,
     rows_from_runs,
+    side_by_side,
     write_json,
 )
 from .settings import AppSettings
@@ -280,13 +281,15 @@ def run_comparison(
     port: int | None = None,
     console: Any = None,
     extra_meta: Mapping[str, Any] | None = None,
+    compact: bool = False,
 ) -> Outcome:
     """Run every target at every load with live progress; print and write the results.
 
     Requests sent in the first ``warmup`` and the last ``cooldown`` seconds of each point load
     the server but are not counted (see :func:`~shedder._demo.report.summarize`).
-    Writes ``<name>.json``, ``<name>.md`` and ``<name>.png`` in ``results_dir``. Servers are
-    stopped whatever happens (KeyboardInterrupt included).
+    ``compact`` prints one line per load with the configurations side by side (the demo)
+    instead of the full table with the target checks. Writes ``<name>.json``, ``<name>.md``
+    and ``<name>.png`` in ``results_dir``. Servers are stopped whatever happens (Ctrl-C too).
     """
     console = console or make_console()
     cpus: CpuPlan = plan_cpus()
@@ -344,7 +347,10 @@ def run_comparison(
     rows = rows_from_runs(runs, warmup, cooldown)
     checks = check_targets(rows)
     console.print()
-    console.print(rich_table(rows, checks, title))
+    if compact:
+        console.print(side_by_side(rows, title))
+    else:
+        console.print(rich_table(rows, checks, title))
     report = build_report(rows, meta, checks)
     files = [
         write_json(report, results_dir / f"{name}.json"),
