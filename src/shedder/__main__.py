@@ -87,7 +87,7 @@ def _demo(args: argparse.Namespace) -> int:
     seconds = 15.0 if args.long and args.seconds == 6.0 else args.seconds
     try:
         with handle_sigterm():
-            run_comparison(
+            outcome = run_comparison(
                 demo_targets(),
                 loads,
                 duration=seconds,
@@ -108,6 +108,18 @@ def _demo(args: argparse.Namespace) -> int:
     except ServerFailed as exc:
         console.print(f"[red]error: the app server failed to start[/]\n{exc}")
         return 1
+    with_shedder, without = outcome.rows
+    top = max(loads)
+    shedded, bare = with_shedder.at(top), without.at(top)
+    if shedded is not None and bare is not None:
+        shed_p99 = "-" if shedded.p99_shed_ms is None else f"{shedded.p99_shed_ms:.0f} ms"
+        console.print(
+            f"\nAt {top:g}x capacity, without shedder the app delivered {bare.goodput:.0f} good "
+            f"answers/s: {bare.timeout_pct:.0f}% of requests outlived their 1 s deadline while it "
+            f"worked on requests whose clients had gone. With shedder it delivered "
+            f"{shedded.goodput:.0f}/s ({shedded.goodput_pct:.0f}% of capacity), and refused the "
+            f"excess with 503 + Retry-After (p99 {shed_p99})."
+        )
     return 0
 
 
