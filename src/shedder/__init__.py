@@ -10,6 +10,15 @@ Importing ``shedder`` imports no web framework; the adapters live in ``shedder.a
 """
 
 from ._errors import Overloaded, ShedReason
+from ._queues import (
+    BlockingQueue,
+    DroppingQueue,
+    DropPolicy,
+    MonitoredQueue,
+    MonitoredQueueStats,
+    QueuePolicy,
+    QueueStats,
+)
 from ._throttler import (
     SHED_REASONS,
     Permit,
@@ -22,8 +31,15 @@ from ._version import __version__
 
 __all__ = [
     "SHED_REASONS",
+    "BlockingQueue",
+    "DropPolicy",
+    "DroppingQueue",
+    "MonitoredQueue",
+    "MonitoredQueueStats",
     "Overloaded",
     "Permit",
+    "QueuePolicy",
+    "QueueStats",
     "ShedReason",
     "Throttler",
     "ThrottlerListener",
