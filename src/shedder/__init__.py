@@ -19,6 +19,7 @@ from ._queues import (
     QueuePolicy,
     QueueStats,
 )
+from ._sampler import AdaptiveSampler, SupportsLoad
 from ._throttler import (
     SHED_REASONS,
     Permit,
@@ -31,6 +32,7 @@ from ._version import __version__
 
 __all__ = [
     "SHED_REASONS",
+    "AdaptiveSampler",
     "BlockingQueue",
     "DropPolicy",
     "DroppingQueue",
@@ -41,6 +43,7 @@ __all__ = [
     "QueuePolicy",
     "QueueStats",
     "ShedReason",
+    "SupportsLoad",
     "Throttler",
     "ThrottlerListener",
     "ThrottlerStats",
