@@ -20,6 +20,15 @@ from ._queues import (
     QueueStats,
 )
 from ._sampler import AdaptiveSampler, SupportsLoad
+from ._streams import (
+    UNBOUNDED,
+    IterablePublisher,
+    Publisher,
+    PublisherIterator,
+    Subscriber,
+    Subscription,
+    iterate,
+)
 from ._throttler import (
     SHED_REASONS,
     Permit,
@@ -32,21 +41,28 @@ from ._version import __version__
 
 __all__ = [
     "SHED_REASONS",
+    "UNBOUNDED",
     "AdaptiveSampler",
     "BlockingQueue",
     "DropPolicy",
     "DroppingQueue",
+    "IterablePublisher",
     "MonitoredQueue",
     "MonitoredQueueStats",
     "Overloaded",
     "Permit",
+    "Publisher",
+    "PublisherIterator",
     "QueuePolicy",
     "QueueStats",
     "ShedReason",
+    "Subscriber",
+    "Subscription",
     "SupportsLoad",
     "Throttler",
     "ThrottlerListener",
     "ThrottlerStats",
     "__version__",
+    "iterate",
     "throttlers",
 ]
