@@ -10,6 +10,7 @@ Importing ``shedder`` imports no web framework; the adapters live in ``shedder.a
 """
 
 from ._errors import Overloaded, ShedReason
+from ._pipeline import Pipeline, PipelineRun
 from ._queues import (
     BlockingQueue,
     DroppingQueue,
@@ -51,6 +52,8 @@ __all__ = [
     "MonitoredQueueStats",
     "Overloaded",
     "Permit",
+    "Pipeline",
+    "PipelineRun",
     "Publisher",
     "PublisherIterator",
     "QueuePolicy",
