@@ -9,6 +9,7 @@ Importing ``shedder`` imports no web framework; the adapters live in ``shedder.a
 ``shedder.prometheus``.
 """
 
+from ._batching import AdaptiveBatchSizer
 from ._errors import Overloaded, ShedReason
 from ._pipeline import Pipeline, PipelineRun
 from ._queues import (
@@ -43,6 +44,7 @@ from ._version import __version__
 __all__ = [
     "SHED_REASONS",
     "UNBOUNDED",
+    "AdaptiveBatchSizer",
     "AdaptiveSampler",
     "BlockingQueue",
     "DropPolicy",
