@@ -7,6 +7,11 @@ most ``queue_timeout`` seconds, and the rest are refused at once with :class:`Ov
 Importing ``shedder`` imports no web framework; the adapters live in ``shedder.asgi``,
 ``shedder.wsgi``, ``shedder.starlette``, ``shedder.flask``, ``shedder.client`` and
 ``shedder.prometheus``.
+
+The backpressure toolkit needs no web app: bounded queues (:class:`BlockingQueue`,
+:class:`DroppingQueue`, :class:`MonitoredQueue`), :class:`AdaptiveSampler`, pull-based streams
+(:class:`IterablePublisher`, :func:`iterate`), bounded async :class:`Pipeline` and
+:class:`AdaptiveBatchSizer`.
 """
 
 from ._batching import AdaptiveBatchSizer
