@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from http import HTTPStatus
 
 from ._errors import Overloaded
 from ._throttler import Throttler
@@ -18,6 +19,7 @@ __all__ = [
     "HTTPResponse",
     "ShedResponder",
     "health_response",
+    "method_not_allowed_response",
     "normalize_path_rules",
     "path_matches",
     "shed_response",
@@ -26,6 +28,17 @@ __all__ = [
 DEFAULT_HEALTH_PATH = "/health/load"
 
 _REASON_PHRASES = {200: "OK", 429: "Too Many Requests", 503: "Service Unavailable"}
+
+
+def _reason_phrase(status: int) -> str:
+    phrase = _REASON_PHRASES.get(status)
+    if phrase is None:
+        # Custom responders may pick any status; PEP 3333 wants a reason phrase with it.
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = ""
+    return phrase
 
 
 @dataclass(frozen=True, slots=True)
@@ -39,7 +52,7 @@ class HTTPResponse:
     @property
     def status_line(self) -> str:
         """``"503 Service Unavailable"``: the WSGI ``start_response`` status."""
-        return f"{self.status} {_REASON_PHRASES.get(self.status, '')}".rstrip()
+        return f"{self.status} {_reason_phrase(self.status)}".rstrip()
 
     def without_body(self) -> HTTPResponse:
         """The same response for a HEAD request: headers kept, content-length included."""
@@ -86,6 +99,14 @@ def health_response(throttlers: Sequence[Throttler]) -> HTTPResponse:
     if len(snapshots) > 1:
         payload["throttlers"] = {s.name: s.as_dict() for s in snapshots}
     return _json_response(503 if overloaded else 200, payload)
+
+
+def method_not_allowed_response(allow: Sequence[str] = ("GET", "HEAD")) -> HTTPResponse:
+    """``405 Method Not Allowed`` with the ``Allow`` header, for a method an endpoint refuses."""
+    allowed = ", ".join(allow)
+    return _json_response(
+        405, {"error": "method_not_allowed", "allow": allowed}, (("allow", allowed),)
+    )
 
 
 def normalize_path_rules(exempt: Iterable[str]) -> tuple[frozenset[str], tuple[str, ...]]:
