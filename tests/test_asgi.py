@@ -560,3 +560,23 @@ async def test_starlette_add_middleware_end_to_end() -> None:
         assert (await running).text == "slow"
         assert (await waiting).text == "fast"
         assert (await health())["in_flight"] == 0
+
+
+def test_shedder_asgi_imports_no_framework() -> None:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import shedder
+
+    env = dict(os.environ, PYTHONPATH=str(Path(shedder.__file__).parents[1]))
+    code = (
+        "import sys, shedder, shedder.asgi; "
+        "print(sorted(m for m in ('starlette', 'httpx', 'prometheus_client', 'flask') "
+        "if m in sys.modules))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip() == "[]"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal, TypedDict
 
 from ._errors import Overloaded
 from ._http import (
@@ -23,7 +23,10 @@ from ._http import (
 )
 from ._throttler import Permit, Throttler
 
-__all__ = ["WATCH_BODY_LIMIT", "ASGIApp", "LoadSheddingMiddleware"]
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+__all__ = ["WATCH_BODY_LIMIT", "ASGIApp", "LoadSheddingMiddleware", "ThrottlerOptions"]
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -36,6 +39,26 @@ WATCH_BODY_LIMIT = 64 * 1024
 
 See :class:`LoadSheddingMiddleware`: past this, the request stops watching and simply waits.
 """
+
+
+class ThrottlerOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`shedder.Throttler`, for ``**throttler_options``.
+
+    Typed this way (not ``**Any``) so that Starlette's ``add_middleware`` type-checks.
+    """
+
+    max_concurrency: Any  # an int, or a shedder.limits.Limit
+    max_queue: int | None
+    queue_timeout: float
+    shed_threshold: float
+    retry_after: int | Literal["auto"]
+    retry_after_range: tuple[int, int]
+    queue_discipline: Literal["fifo", "lifo", "codel"]
+    codel_target: float
+    codel_interval: float
+    name: str
+    clock: Callable[[], float]
+
 
 _ALLOWED_STATUS = (503, 429)
 _READ_METHODS = ("GET", "HEAD")
@@ -130,7 +153,7 @@ class LoadSheddingMiddleware:
         metrics_path: str | None = None,
         metrics_registry: Any = None,
         limit_websockets: bool = False,
-        **throttler_options: Any,
+        **throttler_options: Unpack[ThrottlerOptions],
     ) -> None:
         if throttler is not None and throttler_options:
             raise TypeError(
@@ -143,7 +166,8 @@ class LoadSheddingMiddleware:
                     "pass a throttler, or the keyword arguments of a new one "
                     "(at least max_concurrency)"
                 )
-            throttler = Throttler(**throttler_options)
+            options: dict[str, Any] = dict(throttler_options)  # checked by Throttler itself
+            throttler = Throttler(**options)
         elif not isinstance(throttler, Throttler):
             raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
         if status_code not in _ALLOWED_STATUS:
