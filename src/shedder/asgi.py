@@ -241,16 +241,32 @@ class LoadSheddingMiddleware:
         except Overloaded as refusal:
             await self._refuse(refusal, send)
             return
-        await self._call(permit, scope, receive, send)
 
-    async def _call(self, permit: Permit, scope: Scope, receive: Receive, send: Send) -> None:
-        """Run the app, holding ``permit`` until the response body ends or the app finishes."""
+        # The hot path, inlined from _call (one coroutine frame less per request).
         release = permit.release
-        body_types = _BODY_TYPES
 
         async def send_then_release(message: Message) -> None:
             await send(message)
-            if message["type"] in body_types and not message.get("more_body", False):
+            if message["type"] in _BODY_TYPES and not message.get("more_body", False):
+                release()
+
+        scope["shedder.permit"] = permit
+        try:
+            await self.app(scope, receive, send_then_release)
+        finally:
+            if not permit._released:  # saves taking the lock when the body already freed it
+                release()
+
+    async def _call(self, permit: Permit, scope: Scope, receive: Receive, send: Send) -> None:
+        """Run the app, holding ``permit`` until the response body ends or the app finishes.
+
+        The same as the fast path at the end of ``__call__``: change both together.
+        """
+        release = permit.release
+
+        async def send_then_release(message: Message) -> None:
+            await send(message)
+            if message["type"] in _BODY_TYPES and not message.get("more_body", False):
                 release()
 
         scope["shedder.permit"] = permit
