@@ -19,7 +19,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from time import monotonic
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, TypedDict
 
 from ._errors import Overloaded, ShedReason
 from ._limits import Limit
@@ -30,6 +30,7 @@ __all__ = [
     "Permit",
     "Throttler",
     "ThrottlerListener",
+    "ThrottlerOptions",
     "ThrottlerStats",
     "throttlers",
 ]
@@ -178,6 +179,25 @@ def _check_seconds(name: str, value: object) -> float:
 
 QueueDiscipline = Literal["fifo", "lifo", "codel"]
 _DISCIPLINES: tuple[QueueDiscipline, ...] = ("fifo", "lifo", "codel")
+
+
+class ThrottlerOptions(TypedDict, total=False):
+    """The keyword arguments of :class:`shedder.Throttler`, for ``**throttler_options``.
+
+    Typed this way (not ``**Any``) so that Starlette's ``add_middleware`` type-checks.
+    """
+
+    max_concurrency: int | Limit
+    max_queue: int | None
+    queue_timeout: float
+    shed_threshold: float
+    retry_after: int | Literal["auto"]
+    retry_after_range: tuple[int, int]
+    queue_discipline: QueueDiscipline
+    codel_target: float
+    codel_interval: float
+    name: str
+    clock: Callable[[], float]
 
 
 class Throttler:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal, TypedDict
+from typing import TYPE_CHECKING, Any
 
 from ._errors import Overloaded
 from ._http import (
@@ -21,7 +21,7 @@ from ._http import (
     normalize_path_rules,
     shed_response,
 )
-from ._throttler import Permit, Throttler
+from ._throttler import Permit, Throttler, ThrottlerOptions
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -39,25 +39,6 @@ WATCH_BODY_LIMIT = 64 * 1024
 
 See :class:`LoadSheddingMiddleware`: past this, the request stops watching and simply waits.
 """
-
-
-class ThrottlerOptions(TypedDict, total=False):
-    """The keyword arguments of :class:`shedder.Throttler`, for ``**throttler_options``.
-
-    Typed this way (not ``**Any``) so that Starlette's ``add_middleware`` type-checks.
-    """
-
-    max_concurrency: Any  # an int, or a shedder.limits.Limit
-    max_queue: int | None
-    queue_timeout: float
-    shed_threshold: float
-    retry_after: int | Literal["auto"]
-    retry_after_range: tuple[int, int]
-    queue_discipline: Literal["fifo", "lifo", "codel"]
-    codel_target: float
-    codel_interval: float
-    name: str
-    clock: Callable[[], float]
 
 
 _ALLOWED_STATUS = (503, 429)
