@@ -22,10 +22,11 @@ from ._http import (
     path_matches,
     shed_response,
 )
-from ._throttler import Permit, Throttler
+from ._throttler import Permit, Throttler, ThrottlerOptions
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+    from typing_extensions import Unpack
 
 __all__ = ["LoadSheddingMiddleware"]
 
@@ -73,7 +74,7 @@ class LoadSheddingMiddleware:
         health_throttlers: Sequence[Throttler] = (),
         metrics_path: str | None = None,
         metrics_registry: Any = None,
-        **throttler_options: Any,
+        **throttler_options: Unpack[ThrottlerOptions],
     ) -> None:
         if throttler is not None and throttler_options:
             raise TypeError(
