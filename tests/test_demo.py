@@ -96,6 +96,42 @@ def test_simulated_database_serves_exactly_pool_over_hold() -> None:
         SimulatedDatabase(pool=0, hold=0.01)
 
 
+async def test_shedded_asgi_target_refuses_past_its_limits() -> None:
+    import asyncio
+
+    from shedder._demo.asgi_app import make_app
+
+    app = make_app(AppSettings(pool=1, hold_ms=100, shedder={"max_concurrency": 1, "max_queue": 0}))
+    statuses: list[int] = []
+
+    async def call(path: str) -> None:
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+
+        scope = {"type": "http", "path": path, "method": "GET", "headers": []}
+        await app(scope, receive, send)
+
+    first = asyncio.ensure_future(call("/"))
+    await asyncio.sleep(0.02)  # let the first request take the only slot (simulated work)
+    await call("/")  # no slot, no queue: refused at once
+    await call("/ready")  # exempt: never refused
+    await first
+    assert statuses == [503, 200, 200]
+
+
+def test_shedded_wsgi_target_is_wrapped_with_the_settings() -> None:
+    pytest.importorskip("flask")
+    from shedder._demo.wsgi_app import make_app
+
+    app = make_app(AppSettings(shedder={"max_concurrency": 3, "max_queue": 2}))
+    assert app.throttler.max_concurrency == 3
+    assert app.throttler.max_queue == 2
+
+
 # -- harness -------------------------------------------------------------------------------------
 
 

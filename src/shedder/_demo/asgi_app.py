@@ -40,7 +40,8 @@ def make_app(settings: AppSettings) -> ASGIApp:
 
     if not settings.shedder:
         return bare
-    # Imported by name: the adapters are optional here and the bare variant never needs them.
+    # Imported here, so the bare variant never loads it; by name, because the options come
+    # from JSON and cannot be checked against ThrottlerOptions before run time.
     middleware = importlib.import_module("shedder.asgi").LoadSheddingMiddleware
 
     shedded: ASGIApp = middleware(bare, exempt=["/ready"], **settings.shedder)

@@ -33,7 +33,8 @@ def make_app(settings: AppSettings) -> Any:
 
     if not settings.shedder:
         return flask_app
-    # Imported by name: the adapters are optional here and the bare variant never needs them.
+    # Imported here, so the bare variant never loads it; by name, because the options come
+    # from JSON and cannot be checked against ThrottlerOptions before run time.
     middleware = importlib.import_module("shedder.wsgi").LoadSheddingMiddleware
 
     return middleware(flask_app, exempt=["/ready"], **settings.shedder)
