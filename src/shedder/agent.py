@@ -196,6 +196,10 @@ def start_agent(
     if not 0 <= port <= 65535:
         raise ValueError(f"port must be between 0 and 65535, got {port}")
     table = instance_table(instance_dir)
+    if table is not None:
+        # The agent runs in the serving process: make its capacity count at once, not only
+        # after its first request (the middlewares wait for that, see publish_all).
+        table.publish_all(reported)
     if reuse_port is None:
         reuse_port = table is not None and hasattr(socket, "SO_REUSEPORT")
     elif reuse_port and not hasattr(socket, "SO_REUSEPORT"):
