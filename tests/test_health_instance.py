@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import multiprocessing
 import os
@@ -125,3 +126,15 @@ def test_a_forked_child_never_writes_the_parents_record(tmp_path: Path) -> None:
     table.publish(throttler)
     with throttler:
         assert table.stats(throttler).in_flight == 1
+
+
+def test_a_throttler_that_goes_away_stops_counting(tmp_path: Path) -> None:
+    table = InstanceTable(tmp_path)
+    throttler = Throttler(max_concurrency=4, name="gone")
+    table.publish(throttler)
+    assert list(tmp_path.glob("gone.*.shedder"))
+    del throttler
+    gc.collect()
+    assert not list(tmp_path.glob("gone.*.shedder"))
+    # The name is free again in this process.
+    table.publish(Throttler(max_concurrency=4, name="gone"))

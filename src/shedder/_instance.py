@@ -99,6 +99,8 @@ class InstanceTable:
             publisher = _Publisher(throttler, view, path)
             _publishers[path] = (weakref.ref(throttler), publisher)
         throttler.add_listener(publisher)
+        # A throttler that goes away must stop counting, though its process lives on.
+        weakref.finalize(throttler, _retire, path, publisher)
 
     def publish_all(self, throttlers: Sequence[Throttler]) -> None:
         """:meth:`publish` each throttler once per process; cheap enough for every request.
@@ -164,6 +166,9 @@ class _Publisher(ThrottlerListener):
         self._pid = os.getpid()
         self._write(throttler)
 
+    def owned_by_this_process(self) -> bool:
+        return os.getpid() == self._pid
+
     def _write(self, throttler: Throttler) -> None:
         if os.getpid() != self._pid:
             # A forked child inherited this listener and the parent's shared mapping: writing
@@ -203,6 +208,17 @@ class _Publisher(ThrottlerListener):
 
     def on_release(self, throttler: Throttler, held: float) -> None:
         self._write(throttler)
+
+
+def _retire(path: Path, publisher: _Publisher) -> None:
+    """The throttler is gone: drop its record (unless a newer publisher took the path)."""
+    with _publishers_lock:
+        entry = _publishers.get(path)
+        if entry is None or entry[1] is not publisher:
+            return
+        del _publishers[path]
+    if publisher.owned_by_this_process():
+        path.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> tuple[int, ...] | None:
