@@ -24,7 +24,8 @@ from queue import Empty, Full
 from time import monotonic
 from typing import Generic, Literal, TypeVar
 
-from ._throttler import _AsyncWaiter, _check_int, _check_seconds, _resolve, _ThreadWaiter
+from ._throttler import _check_int, _check_seconds
+from ._waiters import _AsyncWaiter, _resolve, _ThreadWaiter
 
 __all__ = [
     "BlockingQueue",

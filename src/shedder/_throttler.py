@@ -19,10 +19,11 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from time import monotonic
 from types import MappingProxyType, TracebackType
-from typing import Any, Final, Literal
+from typing import Any, Literal
 
 from ._errors import Overloaded, ShedReason
 from ._limits import Limit
+from ._waiters import _GRANTED, _AsyncWaiter, _resolve, _ThreadWaiter
 
 __all__ = [
     "SHED_REASONS",
@@ -154,57 +155,6 @@ class Permit:
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
         return f"<Permit {state} of {self._throttler.name!r}>"
-
-
-_GRANTED: Final = "granted"
-_Outcome = Literal["granted", "overloaded", "queue_full", "queue_timeout"] | None
-
-
-class _ThreadWaiter:
-    """A waiting thread: blocks on a lock that the deciding thread releases."""
-
-    __slots__ = ("lock", "outcome")
-
-    def __init__(self) -> None:
-        self.outcome: _Outcome = None
-        self.lock = threading.Lock()
-        self.lock.acquire()
-
-    def wake(self, outcome: _Outcome) -> bool:
-        """Settle the wait (a grant or a refusal) and wake the thread; always succeeds."""
-        self.outcome = outcome
-        self.lock.release()
-        return True
-
-
-class _AsyncWaiter:
-    """A waiting task: awaits a future of its own loop, resolved from whichever thread decides."""
-
-    __slots__ = ("future", "loop", "outcome", "thread_id")
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.outcome: _Outcome = None
-        self.loop = loop
-        self.future: asyncio.Future[None] = loop.create_future()
-        self.thread_id = threading.get_ident()
-
-    def wake(self, outcome: _Outcome) -> bool:
-        """Settle the wait and wake the task; False if its loop is closed (it can never run)."""
-        if threading.get_ident() == self.thread_id:
-            # On the loop's own thread: resolving directly is safe and saves a wake-up.
-            _resolve(self.future)
-        else:
-            try:
-                self.loop.call_soon_threadsafe(_resolve, self.future)
-            except RuntimeError:
-                return False
-        self.outcome = outcome
-        return True
-
-
-def _resolve(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 _Waiter = _ThreadWaiter | _AsyncWaiter

@@ -34,6 +34,7 @@ __all__ = [
     "DEFAULT_BUCKETS",
     "ThrottlerMetrics",
     "instrument",
+    "instrument_queue",
     "metrics_response",
 ]
 
@@ -52,6 +53,8 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError(
         'shedder.prometheus needs prometheus_client: pip install "loadshedder[prometheus]"'
     ) from None
+
+from ._prometheus_queue import instrument_queue  # imported after the check above, for its hint
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.001,

@@ -1,0 +1,228 @@
+"""Starlette and FastAPI helpers (extra ``starlette``): a route decorator and a health route.
+
+- :func:`shed_load` guards one endpoint (async or sync) with its own throttler.
+- :func:`health_route` / :func:`health_endpoint` serve ``/health/load`` without the middleware.
+
+For the whole app, use :class:`shedder.asgi.LoadSheddingMiddleware`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import inspect
+import weakref
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
+
+from ._errors import Overloaded
+from ._http import DEFAULT_HEALTH_PATH, HTTPResponse, ShedResponder, health_response, shed_response
+from ._throttler import Permit, Throttler, throttlers
+
+try:
+    from starlette.concurrency import run_in_threadpool
+    from starlette.requests import Request
+    from starlette.responses import JSONResponse, Response, StreamingResponse
+    from starlette.routing import Route
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        'shedder.starlette needs starlette: pip install "loadshedder[starlette]"'
+    ) from None
+
+__all__ = ["ShedLoadDecorator", "health_endpoint", "health_route", "shed_load", "to_response"]
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class ShedLoadDecorator(Protocol):
+    """What :func:`shed_load` returns: turns an endpoint into a guarded async endpoint."""
+
+    @overload
+    def __call__(
+        self, endpoint: Callable[P, Coroutine[Any, Any, R]], /
+    ) -> Callable[P, Coroutine[Any, Any, R | Response]]: ...
+
+    @overload
+    def __call__(
+        self, endpoint: Callable[P, R], /
+    ) -> Callable[P, Coroutine[Any, Any, R | Response]]: ...
+
+
+def to_response(response: HTTPResponse, *, head: bool = False) -> Response:
+    """A Starlette :class:`~starlette.responses.Response` from a shedder ``HTTPResponse``."""
+    return Response(
+        b"" if head else response.body, status_code=response.status, headers=dict(response.headers)
+    )
+
+
+def shed_load(
+    throttler: Throttler,
+    *,
+    status_code: int = 503,
+    responder: ShedResponder | None = None,
+) -> ShedLoadDecorator:
+    """Guard one Starlette or FastAPI endpoint with ``throttler``.
+
+    The endpoint waits for a slot (per the throttler's rules) before it runs; a refused call
+    returns the contract's refusal (``status_code`` 503 or 429, ``Retry-After``, JSON body, or
+    what ``responder`` builds) without running the endpoint. The slot is held until the
+    endpoint returns; for a :class:`~starlette.responses.StreamingResponse`, until its body
+    has been streamed (or the response is dropped).
+
+    FastAPI still sees the endpoint's own signature (``functools.wraps``), so dependencies,
+    request bodies and the OpenAPI schema are unchanged.
+
+    Sync endpoints: the slot is taken on the event loop *before* the call is handed to the
+    thread pool (anyio's default limiter: 40 threads). So waiting happens in the throttler's
+    queue, bounded by ``queue_timeout`` and visible in its stats, never unseen in the pool's
+    unbounded line. At most ``min(max_concurrency, 40)`` such endpoints run at once (the pool
+    is shared with every other sync endpoint and dependency): keep ``max_concurrency`` of sync
+    endpoints below the pool size, or admitted calls will wait for a thread.
+
+    Raises ``TypeError`` for a throttler that is not a :class:`~shedder.Throttler` or a
+    generator endpoint, ``ValueError`` for a status other than 503 or 429.
+    """
+    if not isinstance(throttler, Throttler):
+        raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
+    if status_code not in (503, 429):
+        raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
+    if responder is not None and not callable(responder):
+        raise TypeError(f"responder must be callable, got {responder!r}")
+
+    def refuse(refusal: Overloaded) -> Response:
+        built = shed_response(refusal, status_code) if responder is None else responder(refusal)
+        return to_response(built)
+
+    def decorate(endpoint: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
+        if inspect.isgeneratorfunction(endpoint) or inspect.isasyncgenfunction(endpoint):
+            raise TypeError(
+                f"shed_load cannot guard generator endpoint {endpoint!r}: return a "
+                "StreamingResponse instead (its slot is held until the stream ends)"
+            )
+        if inspect.iscoroutinefunction(endpoint):
+
+            @functools.wraps(endpoint)
+            async def guarded(*args: Any, **kwargs: Any) -> Any:
+                try:
+                    permit = await throttler.acquire_async()
+                except Overloaded as refusal:
+                    return refuse(refusal)
+                try:
+                    result = await endpoint(*args, **kwargs)
+                except BaseException:
+                    permit.release()
+                    raise
+                return _hold_until_sent(result, permit)
+
+        else:
+
+            @functools.wraps(endpoint)
+            async def guarded(*args: Any, **kwargs: Any) -> Any:
+                # On the loop, before the thread pool: see the docstring.
+                try:
+                    permit = await throttler.acquire_async()
+                except Overloaded as refusal:
+                    return refuse(refusal)
+                try:
+                    result = await run_in_threadpool(endpoint, *args, **kwargs)
+                except BaseException:
+                    permit.release()
+                    raise
+                return _hold_until_sent(result, permit)
+
+        return guarded
+
+    return cast(ShedLoadDecorator, decorate)
+
+
+def _hold_until_sent(result: R, permit: Permit) -> R:
+    """Release now, or, for a streaming response, once its body is done."""
+    if not isinstance(result, StreamingResponse):
+        permit.release()
+        return result
+    stream = _release_after(result.body_iterator, permit)
+    # A response dropped before streaming (client gone before the first chunk) never starts
+    # the generator, so its ``finally`` never runs: release when it is collected. Through the
+    # loop, because a finaliser may run while the throttler's own lock is held on this thread.
+    loop = asyncio.get_running_loop()
+    weakref.finalize(stream, _release_soon, loop, permit)
+    result.body_iterator = stream
+    return result
+
+
+async def _release_after(body: AsyncIterable[Any], permit: Permit) -> AsyncIterator[Any]:
+    try:
+        async for chunk in body:
+            yield chunk
+    finally:
+        permit.release()
+
+
+def _release_soon(loop: asyncio.AbstractEventLoop, permit: Permit) -> None:
+    if not permit.released:
+        try:
+            loop.call_soon_threadsafe(permit.release)
+        except RuntimeError:  # the loop is closed: nothing can race us any more
+            permit.release()
+
+
+def health_endpoint(*reported: Throttler | str) -> Callable[[Request], Awaitable[Response]]:
+    """A Starlette endpoint serving ``/health/load`` (GET and HEAD) without the middleware.
+
+    Reports the given throttlers (objects, or names looked up in :func:`shedder.throttlers`
+    at request time; an unknown name raises ``LookupError``), or, with none given, every live
+    throttler in the process, so route-level throttlers created later are included. 200 while
+    none is shedding, 503 while one is.
+    """
+    for item in reported:
+        if not isinstance(item, (Throttler, str)):
+            raise TypeError(f"expected Throttler objects or names, got {item!r}")
+
+    def resolve() -> list[Throttler]:
+        if not reported:
+            return throttlers()
+        live: dict[str, Throttler] | None = None
+        resolved = []
+        for item in reported:
+            if isinstance(item, Throttler):
+                resolved.append(item)
+                continue
+            if live is None:
+                live = {t.name: t for t in throttlers()}
+            if item not in live:
+                raise LookupError(f"no live throttler named {item!r}")
+            resolved.append(live[item])
+        return resolved
+
+    async def health(request: Request) -> Response:
+        current = resolve()
+        head = request.method == "HEAD"
+        if not current:
+            # Nothing throttles yet, so nothing sheds.
+            response = JSONResponse({"status": "ok", "throttlers": {}})
+            if head:
+                response.body = b""
+            return response
+        return to_response(health_response(current), head=head)
+
+    return health
+
+
+def health_route(
+    *reported: Throttler | str, path: str = DEFAULT_HEALTH_PATH, name: str = "health_load"
+) -> Route:
+    """A :class:`~starlette.routing.Route` for :func:`health_endpoint` at ``path``.
+
+    ``Starlette(routes=[..., health_route()])``, or ``app.router.routes.append(health_route())``
+    in FastAPI (kept out of the OpenAPI schema). Other methods get 405 from the router.
+    """
+    if not isinstance(path, str) or not path.startswith("/"):
+        raise ValueError(f"path must start with '/', got {path!r}")
+    return Route(
+        path,
+        health_endpoint(*reported),
+        methods=["GET", "HEAD"],
+        name=name,
+        include_in_schema=False,
+    )
