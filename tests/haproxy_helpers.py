@@ -104,6 +104,38 @@ def gunicorn_app(
         stop(process)
 
 
+@contextlib.contextmanager
+def uvicorn_app(app: str, *, workers: int, env: Mapping[str, str]) -> Iterator[str]:
+    """``app`` under ``uvicorn --workers N``; yields its base URL."""
+    port = free_port()
+    environment = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(SRC_DIR), str(REPO_DIR)]),
+        **env,
+    }
+    command = [sys.executable, "-m", "uvicorn", app, "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--workers", str(workers), "--log-level", "warning", "--no-access-log"]
+    process = subprocess.Popen(
+        command, cwd=REPO_DIR, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+
+        def ready() -> bool:
+            if process.poll() is not None:
+                return True
+            try:
+                return httpx.get(f"{url}/health/live", timeout=1).status_code == 200
+            except httpx.TransportError:
+                return False
+
+        if not wait_for(ready, timeout=30) or process.poll() is not None:
+            raise RuntimeError(f"uvicorn did not start:\n{stop(process)}")
+        yield url
+    finally:
+        stop(process)
+
+
 @dataclass
 class HAProxy:
     url: str

@@ -20,7 +20,7 @@ from shedder import ThrottlerStats
 from shedder._instance import _read
 from shedder.agent import agent_reply
 
-from .haproxy_helpers import App, gunicorn_app, wait_for
+from .haproxy_helpers import App, gunicorn_app, uvicorn_app, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -65,26 +65,32 @@ def instance(tmp_path: Path) -> Iterator[App]:
         yield app
 
 
+def hold_slots_in_every_worker(
+    streams: contextlib.ExitStack, url: str, directory: Path, limit: int = APP_CONCURRENCY
+) -> dict[int, int]:
+    """Open streams until every worker holds at least one; returns pid -> streams held.
+
+    Each stream is a new connection, and the kernel picks the worker that accepts it.
+    """
+    held: dict[int, int] = {}
+    for _ in range(limit):
+        client = streams.enter_context(httpx.Client(timeout=10))
+        response = streams.enter_context(client.stream("GET", url))
+        assert response.status_code == 200
+        reader = response.iter_raw()
+        streams.callback(reader.close)  # kept referenced: a dropped iterator closes its stream
+        next(reader)  # the slot is held from here until we hang up
+        total = sum(held.values()) + 1
+        assert wait_for(lambda: sum(in_flight_by_worker(directory).values()) == total)  # noqa: B023
+        held = {pid: n for pid, n in in_flight_by_worker(directory).items() if n}
+        if len(held) == WORKERS:
+            return held
+    raise AssertionError(f"every stream landed in one worker: {held}")
+
+
 def test_health_and_agent_sum_the_live_workers(instance: App, tmp_path: Path) -> None:
-    held: dict[int, int] = {}  # pid -> streams this test holds there
-    readers = []  # a dropped iterator would close its stream, freeing the slot
     with contextlib.ExitStack() as streams:
-        # Each stream is a new connection; the kernel picks the worker that accepts it.
-        # Keep opening until two different workers hold at least one.
-        for _ in range(APP_CONCURRENCY):
-            client = streams.enter_context(httpx.Client(timeout=10))
-            response = streams.enter_context(
-                client.stream("GET", f"{instance.url}/stream?lines=100")
-            )
-            assert response.status_code == 200
-            readers.append(response.iter_raw())
-            next(readers[-1])  # the slot is held from here until we hang up
-            total = sum(held.values()) + 1
-            assert wait_for(lambda: sum(in_flight_by_worker(tmp_path).values()) == total)  # noqa: B023
-            held = {pid: n for pid, n in in_flight_by_worker(tmp_path).items() if n}
-            if len(held) == WORKERS:
-                break
-        assert len(held) == WORKERS, f"every stream landed in one worker: {held}"
+        held = hold_slots_in_every_worker(streams, f"{instance.url}/stream?lines=100", tmp_path)
         total = sum(held.values())
 
         # Whichever worker answers (a new connection each time), it reports the instance.
@@ -111,3 +117,17 @@ def test_health_and_agent_sum_the_live_workers(instance: App, tmp_path: Path) ->
         # gunicorn replaces the worker; its agent publishes the new worker's (idle) record.
         assert wait_for(lambda: len(in_flight_by_worker(tmp_path)) == WORKERS)
         assert agent_line(instance) == expected_line(remaining)
+
+
+def test_uvicorn_workers_report_the_instance(tmp_path: Path) -> None:
+    env = {"SHEDDER_INSTANCE_DIR": str(tmp_path)}
+    with (
+        uvicorn_app("examples.starlette_app.app:app", workers=WORKERS, env=env) as url,
+        contextlib.ExitStack() as streams,
+    ):
+        held = hold_slots_in_every_worker(streams, f"{url}/events?n=100", tmp_path)
+        for _ in range(4):
+            health = httpx.get(f"{url}/health/load", timeout=10).json()
+            assert health["workers"] == WORKERS
+            assert health["in_flight"] == sum(held.values())
+            assert health["max_concurrency"] == 32 * WORKERS  # examples/starlette_app
