@@ -10,15 +10,22 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
+from typing import TYPE_CHECKING
 
 from ._errors import Overloaded
-from ._throttler import Throttler
+from ._throttler import Throttler, ThrottlerStats
+
+if TYPE_CHECKING:
+    from ._instance import InstanceTable
 
 __all__ = [
     "DEFAULT_HEALTH_PATH",
+    "DEFAULT_LIVE_PATH",
     "HTTPResponse",
     "ShedResponder",
     "health_response",
+    "instance_stats",
+    "live_response",
     "method_not_allowed_response",
     "normalize_path_rules",
     "path_matches",
@@ -26,6 +33,7 @@ __all__ = [
 ]
 
 DEFAULT_HEALTH_PATH = "/health/load"
+DEFAULT_LIVE_PATH = "/health/live"
 
 _REASON_PHRASES = {200: "OK", 429: "Too Many Requests", 503: "Service Unavailable"}
 
@@ -85,20 +93,55 @@ def shed_response(refusal: Overloaded, status: int = 503) -> HTTPResponse:
     )
 
 
-def health_response(throttlers: Sequence[Throttler]) -> HTTPResponse:
+def instance_stats(
+    throttlers: Sequence[Throttler], table: InstanceTable | None = None
+) -> tuple[list[ThrottlerStats], int | None]:
+    """Snapshots of ``throttlers``: this process's, or the whole instance's through ``table``.
+
+    Returns the snapshots and the number of worker processes summed (None without a table).
+    Publishes this process's throttlers to ``table`` first (once per process).
+    """
+    if table is None:
+        return [t.stats() for t in throttlers], None
+    table.publish_all(throttlers)
+    snapshots = []
+    workers = 0
+    for throttler in throttlers:
+        stats, summed = table.stats_and_workers(throttler)
+        snapshots.append(stats)
+        workers = max(workers, summed)
+    return snapshots, workers
+
+
+def health_response(
+    throttlers: Sequence[Throttler], table: InstanceTable | None = None
+) -> HTTPResponse:
     """``/health/load``: the first throttler's figures at top level, all under ``throttlers``.
 
     200 while every throttler is below its ``shed_threshold``, 503 while any one is shedding.
+    With ``table`` (several worker processes), the figures are the whole instance's, summed
+    over the live workers, and ``workers`` says how many were summed.
     """
     if not throttlers:
         raise ValueError("health_response needs at least one throttler")
-    snapshots = [t.stats() for t in throttlers]
+    snapshots, workers = instance_stats(throttlers, table)
     payload = snapshots[0].as_dict()
     overloaded = any(s.overloaded for s in snapshots)
     payload["status"] = "overloaded" if overloaded else "ok"
     if len(snapshots) > 1:
         payload["throttlers"] = {s.name: s.as_dict() for s in snapshots}
+    if workers is not None:
+        payload["workers"] = workers
     return _json_response(503 if overloaded else 200, payload)
+
+
+def live_response() -> HTTPResponse:
+    """``/health/live``: always ``200 {"status": "alive"}``, whatever the load.
+
+    For liveness (and readiness) probes that must not fail because the instance is busy: a
+    process that can answer this is alive, and shedding already protects it from overload.
+    """
+    return _json_response(200, {"status": "alive"})
 
 
 def method_not_allowed_response(allow: Sequence[str] = ("GET", "HEAD")) -> HTTPResponse:

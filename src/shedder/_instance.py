@@ -7,6 +7,10 @@ probe sums the files of the live workers. Files of dead workers are dropped (and
 
 Writes use a sequence counter (odd while writing) so a reader never sums a torn record: it
 re-reads a record whose counter was odd or moved, a bounded handful of times.
+
+Publishing is per process: a record belongs to the process that created it. A forked child
+(gunicorn forks its workers from the master, after ``--preload`` even from a master that
+built the app) must publish again; it never writes into the record it inherited.
 """
 
 from __future__ import annotations
@@ -15,16 +19,39 @@ import mmap
 import os
 import struct
 import threading
+import weakref
+from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
 
 from ._throttler import SHED_REASONS, Throttler, ThrottlerListener, ThrottlerStats
 
-__all__ = ["InstanceTable"]
+__all__ = ["INSTANCE_DIR_ENV", "InstanceTable", "instance_table"]
+
+INSTANCE_DIR_ENV = "SHEDDER_INSTANCE_DIR"
+"""The environment variable adapters and the agent read when no ``instance_dir`` is given."""
 
 # seq, pid, in_flight, queued, max_concurrency, max_queue, admitted, cancelled, shed x 3
 _RECORD = struct.Struct("<QqqqqqQQ" + "Q" * len(SHED_REASONS))
 _READ_ATTEMPTS = 8
+
+# One publisher per record file in this process, whichever table asked: two writers with their
+# own sequence counters on one record would tear it. Keyed by path (the pid is in the name).
+_publishers: dict[Path, tuple[weakref.ref[Throttler], _Publisher]] = {}
+_publishers_lock = threading.Lock()
+
+
+def instance_table(instance_dir: str | os.PathLike[str] | None) -> InstanceTable | None:
+    """The table for an adapter's ``instance_dir`` option: that directory, else the one named
+    by ``$SHEDDER_INSTANCE_DIR`` when set and not empty, else None (single process).
+
+    Raises ``ValueError`` if the directory does not exist.
+    """
+    if instance_dir is None:
+        instance_dir = os.environ.get(INSTANCE_DIR_ENV) or None
+        if instance_dir is None:
+            return None
+    return InstanceTable(instance_dir)
 
 
 class InstanceTable:
@@ -40,19 +67,53 @@ class InstanceTable:
         self.directory = Path(directory)
         if not self.directory.is_dir():
             raise ValueError(f"directory must be an existing directory, got {str(directory)!r}")
-        self._lock = threading.Lock()
+        self._published_in = 0  # the pid that last ran publish_all
 
     def publish(self, throttler: Throttler) -> None:
-        """Keep this process's record for ``throttler`` current from now on."""
+        """Keep this process's record for ``throttler`` current from now on.
+
+        Idempotent within a process. Raises ``ValueError`` if the throttler's name is not
+        usable as a file name, or if another live throttler of the same name already
+        publishes to this directory from this process (their figures would be confused).
+        """
         name = throttler.name
         if "/" in name or name.startswith("."):
             raise ValueError(f"throttler name must be usable as a file name, got {name!r}")
-        path = self.directory / f"{name}.{os.getpid()}.shedder"
-        with open(path, "wb") as file:
-            file.write(b"\0" * _RECORD.size)
-        with open(path, "r+b") as file:
-            view = mmap.mmap(file.fileno(), _RECORD.size)
-        throttler.add_listener(_Publisher(throttler, view, path))
+        path = self.directory.resolve() / f"{name}.{os.getpid()}.shedder"
+        with _publishers_lock:
+            entry = _publishers.get(path)
+            if entry is not None:
+                owner = entry[0]()
+                if owner is throttler and path.exists():
+                    return
+                if owner is not None and owner is not throttler:
+                    raise ValueError(
+                        f"another throttler named {name!r} already publishes to {self.directory}"
+                    )
+                if owner is not None:  # the file was removed under us: start a new record
+                    owner.remove_listener(entry[1])
+            with open(path, "wb") as file:
+                file.write(b"\0" * _RECORD.size)
+            with open(path, "r+b") as file:
+                view = mmap.mmap(file.fileno(), _RECORD.size)
+            publisher = _Publisher(throttler, view, path)
+            _publishers[path] = (weakref.ref(throttler), publisher)
+        throttler.add_listener(publisher)
+        # A throttler that goes away must stop counting, though its process lives on.
+        weakref.finalize(throttler, _retire, path, publisher)
+
+    def publish_all(self, throttlers: Sequence[Throttler]) -> None:
+        """:meth:`publish` each throttler once per process; cheap enough for every request.
+
+        Adapters call this when serving, not when constructed, so a server's master process
+        that builds the app before forking (gunicorn ``--preload``) publishes nothing.
+        """
+        pid = os.getpid()
+        if self._published_in == pid:
+            return
+        for throttler in throttlers:
+            self.publish(throttler)
+        self._published_in = pid
 
     def stats(self, local: Throttler) -> ThrottlerStats:
         """The instance's totals for the throttler named like ``local`` (live workers only).
@@ -60,8 +121,12 @@ class InstanceTable:
         ``local`` supplies the name and the shed threshold; if no worker has published yet, its
         own figures are returned.
         """
+        return self.stats_and_workers(local)[0]
+
+    def stats_and_workers(self, local: Throttler) -> tuple[ThrottlerStats, int]:
+        """:meth:`stats` and the number of live worker records summed (0: local figures)."""
         totals = [0] * (_RECORD.size // 8 - 1)
-        found = False
+        workers = 0
         for path in self.directory.glob(f"{local.name}.*.shedder"):
             record = _read(path)
             if record is None:
@@ -70,12 +135,12 @@ class InstanceTable:
             if not _alive(pid):
                 path.unlink(missing_ok=True)
                 continue
-            found = True
+            workers += 1
             totals = [total + value for total, value in zip(totals, record, strict=True)]
-        if not found:
-            return local.stats()
+        if not workers:
+            return local.stats(), 0
         _, in_flight, queued, max_concurrency, max_queue, admitted, cancelled, *shed = totals
-        return ThrottlerStats(
+        stats = ThrottlerStats(
             name=local.name,
             in_flight=in_flight,
             queued=queued,
@@ -86,6 +151,7 @@ class InstanceTable:
             cancelled_total=cancelled,
             shed_total=MappingProxyType(dict(zip(SHED_REASONS, shed, strict=True))),
         )
+        return stats, workers
 
 
 class _Publisher(ThrottlerListener):
@@ -100,7 +166,14 @@ class _Publisher(ThrottlerListener):
         self._pid = os.getpid()
         self._write(throttler)
 
+    def owned_by_this_process(self) -> bool:
+        return os.getpid() == self._pid
+
     def _write(self, throttler: Throttler) -> None:
+        if os.getpid() != self._pid:
+            # A forked child inherited this listener and the parent's shared mapping: writing
+            # would overwrite the parent's record with the child's figures.
+            return
         with self._lock:
             stats = throttler.stats()
             self._seq += 1  # odd: writing
@@ -135,6 +208,17 @@ class _Publisher(ThrottlerListener):
 
     def on_release(self, throttler: Throttler, held: float) -> None:
         self._write(throttler)
+
+
+def _retire(path: Path, publisher: _Publisher) -> None:
+    """The throttler is gone: drop its record (unless a newer publisher took the path)."""
+    with _publishers_lock:
+        entry = _publishers.get(path)
+        if entry is None or entry[1] is not publisher:
+            return
+        del _publishers[path]
+    if publisher.owned_by_this_process():
+        path.unlink(missing_ok=True)
 
 
 def _read(path: Path) -> tuple[int, ...] | None:

@@ -8,19 +8,23 @@ dependency beyond the standard library; the waiting uses asyncio.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._errors import Overloaded
 from ._http import (
     DEFAULT_HEALTH_PATH,
+    DEFAULT_LIVE_PATH,
     HTTPResponse,
     ShedResponder,
     health_response,
+    live_response,
     method_not_allowed_response,
     normalize_path_rules,
     shed_response,
 )
+from ._instance import instance_table
 from ._throttler import Permit, Throttler, ThrottlerOptions
 
 if TYPE_CHECKING:
@@ -99,6 +103,12 @@ class LoadSheddingMiddleware:
         metrics_path: where to serve the Prometheus exposition (needs the ``prometheus``
             extra; ``ImportError`` at construction if it is missing). ``None``: not served.
         metrics_registry: the ``prometheus_client`` registry to expose (default: global).
+        live_path: where to serve the liveness answer: always 200, whatever the load, never
+            throttled (for Kubernetes liveness and readiness probes); ``None`` disables it.
+        instance_dir: a directory shared by the worker processes of this instance (and
+            nothing else) so ``/health/load`` reports the whole instance, summed over the
+            live workers; default: ``$SHEDDER_INSTANCE_DIR`` if set, else this process only.
+            ``ValueError`` if the directory does not exist.
         limit_websockets: also put websocket connections through the throttler, holding a slot
             for the life of the connection. A refused handshake gets the refusal as an HTTP
             response where the server supports the ``websocket.http.response`` extension
@@ -134,6 +144,8 @@ class LoadSheddingMiddleware:
         metrics_path: str | None = None,
         metrics_registry: Any = None,
         limit_websockets: bool = False,
+        live_path: str | None = DEFAULT_LIVE_PATH,
+        instance_dir: str | os.PathLike[str] | None = None,
         **throttler_options: Unpack[ThrottlerOptions],
     ) -> None:
         if throttler is not None and throttler_options:
@@ -153,7 +165,11 @@ class LoadSheddingMiddleware:
             raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
         if status_code not in _ALLOWED_STATUS:
             raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
-        for name, path in (("health_path", health_path), ("metrics_path", metrics_path)):
+        for name, path in (
+            ("health_path", health_path),
+            ("metrics_path", metrics_path),
+            ("live_path", live_path),
+        ):
             if path is not None and (not isinstance(path, str) or not path.startswith("/")):
                 raise ValueError(f"{name} must be None or a path starting with '/', got {path!r}")
         if isinstance(health_throttlers, Throttler):
@@ -170,6 +186,7 @@ class LoadSheddingMiddleware:
         self.throttler = throttler
         self.health_path = health_path
         self.metrics_path = metrics_path
+        self.live_path = live_path
         self.limit_websockets = bool(limit_websockets)
         self._exact, self._prefixes = normalize_path_rules(exempt)
         self._status_code = status_code
@@ -187,6 +204,10 @@ class LoadSheddingMiddleware:
             self._endpoints[metrics_path] = self._metrics
         if health_path is not None:
             self._endpoints[health_path] = self._health
+        self._live = live_response()
+        if live_path is not None:
+            self._endpoints[live_path] = self._alive
+        self._table = instance_table(instance_dir)
         not_allowed = method_not_allowed_response(_READ_METHODS)
         self._not_allowed = (not_allowed.status, _asgi_headers(not_allowed), not_allowed.body)
         # Default refusals depend only on (reason, retry_after): encode each one once.
@@ -201,6 +222,9 @@ class LoadSheddingMiddleware:
             else:
                 await self.app(scope, receive, send)
             return
+        if self._table is not None:
+            # In the serving process (after any fork), not at construction: see publish_all.
+            self._table.publish_all(self._health_throttlers)
         path = scope["path"]
         endpoint = self._endpoints.get(path)
         if endpoint is not None:
@@ -356,7 +380,10 @@ class LoadSheddingMiddleware:
         await _send_response(send, response.status, _asgi_headers(response), body)
 
     def _health(self, scope: Scope) -> HTTPResponse:
-        return health_response(self._health_throttlers)
+        return health_response(self._health_throttlers, self._table)
+
+    def _alive(self, scope: Scope) -> HTTPResponse:
+        return self._live
 
     def _metrics(self, scope: Scope) -> HTTPResponse:
         if self._metrics_response is None:  # pragma: no cover - metrics_path implies it

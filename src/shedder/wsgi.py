@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
@@ -14,14 +15,17 @@ from typing import TYPE_CHECKING, Any
 from ._errors import Overloaded
 from ._http import (
     DEFAULT_HEALTH_PATH,
+    DEFAULT_LIVE_PATH,
     HTTPResponse,
     ShedResponder,
     health_response,
+    live_response,
     method_not_allowed_response,
     normalize_path_rules,
     path_matches,
     shed_response,
 )
+from ._instance import instance_table
 from ._throttler import Permit, Throttler, ThrottlerOptions
 
 if TYPE_CHECKING:
@@ -54,6 +58,12 @@ class LoadSheddingMiddleware:
         metrics_path: where to serve the Prometheus exposition (needs the ``prometheus``
             extra; ``ImportError`` at construction if it is missing). ``None``: not served.
         metrics_registry: the ``prometheus_client`` registry to expose (default: global).
+        live_path: where to serve the liveness answer: always 200, whatever the load, never
+            throttled (for Kubernetes liveness and readiness probes); ``None`` disables it.
+        instance_dir: a directory shared by the worker processes of this instance (and
+            nothing else) so ``/health/load`` reports the whole instance, summed over the
+            live workers; default: ``$SHEDDER_INSTANCE_DIR`` if set, else this process only.
+            ``ValueError`` if the directory does not exist.
 
     A slot is held from admission until the server calls the response iterable's
     ``close()``, so a streaming response counts for as long as it streams. Waiting for a
@@ -74,6 +84,8 @@ class LoadSheddingMiddleware:
         health_throttlers: Sequence[Throttler] = (),
         metrics_path: str | None = None,
         metrics_registry: Any = None,
+        live_path: str | None = DEFAULT_LIVE_PATH,
+        instance_dir: str | os.PathLike[str] | None = None,
         **throttler_options: Unpack[ThrottlerOptions],
     ) -> None:
         if throttler is not None and throttler_options:
@@ -92,7 +104,11 @@ class LoadSheddingMiddleware:
             raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
         if status_code not in _ALLOWED_STATUS:
             raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
-        for name, path in (("health_path", health_path), ("metrics_path", metrics_path)):
+        for name, path in (
+            ("health_path", health_path),
+            ("metrics_path", metrics_path),
+            ("live_path", live_path),
+        ):
             if path is not None and (not isinstance(path, str) or not path.startswith("/")):
                 raise ValueError(f"{name} must be None or a path starting with '/', got {path!r}")
 
@@ -100,6 +116,7 @@ class LoadSheddingMiddleware:
         self.throttler = throttler
         self.health_path = health_path
         self.metrics_path = metrics_path
+        self.live_path = live_path
         self._exact, self._prefixes = normalize_path_rules(exempt)
         self._status_code = status_code
         self._responder: ShedResponder = responder or self._default_responder
@@ -120,12 +137,19 @@ class LoadSheddingMiddleware:
             self._metrics_response = metrics_response
         self._not_allowed = method_not_allowed_response(_READ_METHODS)
         self._orphans = _Reclaimer()
+        self._live = live_response()
+        self._table = instance_table(instance_dir)
 
     def _default_responder(self, refusal: Overloaded) -> HTTPResponse:
         return shed_response(refusal, self._status_code)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        if self._table is not None:
+            # In the serving process (after any fork), not at construction: see publish_all.
+            self._table.publish_all(self._health_throttlers)
         path = environ.get("PATH_INFO") or "/"
+        if path == self.live_path:
+            return self._serve(environ, start_response, self._alive)
         if path == self.health_path:
             return self._serve(environ, start_response, self._health)
         if path == self.metrics_path:
@@ -161,7 +185,10 @@ class LoadSheddingMiddleware:
         return _send(build(environ), environ, start_response)
 
     def _health(self, environ: WSGIEnvironment) -> HTTPResponse:
-        return health_response(self._health_throttlers)
+        return health_response(self._health_throttlers, self._table)
+
+    def _alive(self, environ: WSGIEnvironment) -> HTTPResponse:
+        return self._live
 
     def _metrics(self, environ: WSGIEnvironment) -> HTTPResponse:
         if self._metrics_response is None:  # pragma: no cover - metrics_path implies it

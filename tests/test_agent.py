@@ -1,0 +1,141 @@
+"""shedder.agent: the load -> agent-check line mapping, and the TCP agent itself."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import shedder
+from shedder import Throttler, ThrottlerStats
+from shedder.agent import agent_reply, start_agent
+
+
+def stats(in_flight: int, queued: int = 0, *, threshold: float = 1.0) -> ThrottlerStats:
+    return ThrottlerStats("api", in_flight, queued, 8, 2, threshold, 0, 0)
+
+
+def ask(port: int) -> str:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        data = b""
+        while chunk := sock.recv(64):
+            data += chunk
+    return data.decode("ascii")
+
+
+@pytest.mark.parametrize(
+    ("in_flight", "queued", "line"),
+    [
+        (0, 0, "up 100%\n"),
+        (5, 0, "up 50%\n"),
+        (8, 1, "up 10%\n"),
+        (8, 2, "up 1%\n"),  # shedding: the minimum weight, never 0
+    ],
+)
+def test_weight_falls_as_load_rises(in_flight: int, queued: int, line: str) -> None:
+    assert agent_reply([stats(in_flight, queued)]) == line
+
+
+def test_weight_is_relative_to_the_shed_threshold() -> None:
+    assert agent_reply([stats(4, threshold=0.8)]) == "up 50%\n"
+    assert agent_reply([stats(8, threshold=0.8)]) == "up 1%\n"  # 0.8 >= 0.8: shedding
+    # Just below the threshold the weight would round to 0: it stays at the minimum.
+    assert agent_reply([ThrottlerStats("a", 999, 0, 1000, 0, 1.0, 0, 0)]) == "up 1%\n"
+
+
+def test_drain_mode_drains_while_shedding_and_is_ready_otherwise() -> None:
+    assert agent_reply([stats(8, 2)], drain=True) == "drain\n"
+    assert agent_reply([stats(5)], drain=True) == "up ready 50%\n"
+
+
+def test_the_busiest_throttler_decides() -> None:
+    idle, busy = stats(0), stats(5)
+    assert agent_reply([idle, busy]) == "up 50%\n"
+    assert agent_reply([busy, stats(8, 2)]) == "up 1%\n"
+    with pytest.raises(ValueError, match="at least one"):
+        agent_reply([])
+
+
+def test_agent_answers_each_connection_with_the_current_line() -> None:
+    throttler = Throttler(max_concurrency=4, max_queue=4, name="agent-live")
+    with start_agent(throttler, port=0) as agent:
+        assert agent.port > 0
+        assert ask(agent.port) == "up 100%\n"
+        permits = [throttler.acquire() for _ in range(4)]
+        assert ask(agent.port) == "up 50%\n"
+        for permit in permits:
+            permit.release()
+        assert ask(agent.port) == "up 100%\n"
+    assert agent.closed
+    # Closed: the port is free again, nobody answers.
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", agent.port), timeout=2).close()
+    agent.close()  # idempotent
+
+
+def test_agent_sums_the_instance_table(tmp_path: Path) -> None:
+    throttler = Throttler(max_concurrency=4, max_queue=0, name="agent-table")
+    sibling = Throttler(max_concurrency=4, max_queue=0, name="agent-table")
+    with start_agent(throttler, port=0, instance_dir=tmp_path) as agent:
+        assert list(tmp_path.glob("agent-table.*.shedder")), "published at start"
+        with throttler:
+            assert ask(agent.port) == "up 75%\n"
+        # A second throttler of the same name in the same process would blur the figures.
+        with pytest.raises(ValueError, match="already publishes"):
+            start_agent(sibling, port=0, instance_dir=tmp_path)
+
+
+def test_agent_reads_the_instance_dir_from_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SHEDDER_INSTANCE_DIR", str(tmp_path))
+    throttler = Throttler(max_concurrency=2, name="agent-env")
+    with start_agent(throttler, port=0):
+        assert list(tmp_path.glob("agent-env.*.shedder"))
+    monkeypatch.setenv("SHEDDER_INSTANCE_DIR", str(tmp_path / "missing"))
+    with pytest.raises(ValueError, match="existing directory"):
+        start_agent(throttler, port=0)
+
+
+def test_two_agents_share_a_port_with_reuse_port() -> None:
+    throttler = Throttler(max_concurrency=2, name="agent-reuse")
+    with start_agent(throttler, port=0, reuse_port=True) as first:
+        with start_agent(throttler, port=first.port, reuse_port=True) as second:
+            assert second.port == first.port
+            assert ask(first.port) == "up 100%\n"
+        with pytest.raises(OSError, match="in use"):
+            start_agent(throttler, port=first.port)  # without it, the port is taken
+
+
+def test_bad_arguments() -> None:
+    throttler = Throttler(max_concurrency=2)
+    with pytest.raises(ValueError, match="port must be between 0 and 65535, got 70000"):
+        start_agent(throttler, port=70000)
+    with pytest.raises(TypeError, match="port must be an int"):
+        start_agent(throttler, port="80")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="at least one throttler"):
+        start_agent([], port=0)
+    with pytest.raises(TypeError, match=r"shedder\.Throttler"):
+        start_agent([object()], port=0)  # type: ignore[list-item]
+
+
+def test_importing_the_agent_needs_no_framework() -> None:
+    src = str(Path(shedder.__file__).resolve().parent.parent)
+    code = (
+        "import sys, shedder.agent; "
+        "print(sorted(m for m in ('flask', 'starlette', 'httpx', 'prometheus_client') "
+        "if m in sys.modules))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+        env={**os.environ, "PYTHONPATH": src},
+    )
+    assert result.stdout.strip() == "[]"
