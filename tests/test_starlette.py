@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 from collections.abc import AsyncIterator
 from typing import Any
@@ -158,6 +159,7 @@ def test_decorator_configuration_errors() -> None:
 
 
 async def test_health_route_reports_every_live_throttler_or_the_named_ones() -> None:
+    gc.collect()  # throttlers left by earlier tests must not be reported (or be busy)
     alpha = Throttler(max_concurrency=1, max_queue=0, name="alpha-route")
     beta = Throttler(max_concurrency=2, name="beta-route")
     app = Starlette(

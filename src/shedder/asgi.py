@@ -12,6 +12,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._adapter import adapter_settings
 from ._errors import Overloaded
 from ._http import (
     DEFAULT_HEALTH_PATH,
@@ -21,10 +22,8 @@ from ._http import (
     health_response,
     live_response,
     method_not_allowed_response,
-    normalize_path_rules,
     shed_response,
 )
-from ._instance import instance_table
 from ._throttler import Permit, Throttler, ThrottlerOptions
 
 if TYPE_CHECKING:
@@ -45,7 +44,6 @@ See :class:`LoadSheddingMiddleware`: past this, the request stops watching and s
 """
 
 
-_ALLOWED_STATUS = (503, 429)
 _READ_METHODS = ("GET", "HEAD")
 # Messages that may end a response: the slot is freed once the one without more_body is sent.
 _BODY_TYPES = frozenset(
@@ -148,66 +146,41 @@ class LoadSheddingMiddleware:
         instance_dir: str | os.PathLike[str] | None = None,
         **throttler_options: Unpack[ThrottlerOptions],
     ) -> None:
-        if throttler is not None and throttler_options:
-            raise TypeError(
-                "pass either a throttler or its keyword arguments, not both "
-                f"(got throttler and {', '.join(sorted(throttler_options))})"
-            )
-        if throttler is None:
-            if "max_concurrency" not in throttler_options:
-                raise TypeError(
-                    "pass a throttler, or the keyword arguments of a new one "
-                    "(at least max_concurrency)"
-                )
-            options: dict[str, Any] = dict(throttler_options)  # checked by Throttler itself
-            throttler = Throttler(**options)
-        elif not isinstance(throttler, Throttler):
-            raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
-        if status_code not in _ALLOWED_STATUS:
-            raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
-        for name, path in (
-            ("health_path", health_path),
-            ("metrics_path", metrics_path),
-            ("live_path", live_path),
-        ):
-            if path is not None and (not isinstance(path, str) or not path.startswith("/")):
-                raise ValueError(f"{name} must be None or a path starting with '/', got {path!r}")
-        if isinstance(health_throttlers, Throttler):
-            health_throttlers = (health_throttlers,)
-        for extra in health_throttlers:
-            if not isinstance(extra, Throttler):
-                raise TypeError(
-                    f"health_throttlers must hold shedder.Throttler objects, got {extra!r}"
-                )
-        if responder is not None and not callable(responder):
-            raise TypeError(f"responder must be callable, got {responder!r}")
-
+        settings = adapter_settings(
+            throttler,
+            throttler_options,
+            health_path=health_path,
+            exempt=exempt,
+            status_code=status_code,
+            responder=responder,
+            health_throttlers=health_throttlers,
+            metrics_path=metrics_path,
+            metrics_registry=metrics_registry,
+            live_path=live_path,
+            instance_dir=instance_dir,
+        )
         self.app = app
-        self.throttler = throttler
+        self.throttler = settings.throttler
         self.health_path = health_path
         self.metrics_path = metrics_path
         self.live_path = live_path
         self.limit_websockets = bool(limit_websockets)
-        self._exact, self._prefixes = normalize_path_rules(exempt)
+        self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
         self._status_code = status_code
         self._responder = responder
-        self._health_throttlers = (throttler, *health_throttlers)
+        self._health_throttlers = settings.health_throttlers
         self._metrics_registry = metrics_registry
-        self._metrics_response: Callable[[Any, str | None], HTTPResponse] | None = None
+        self._metrics_response = settings.metrics_response
         # path -> builder of the endpoint's response; looked up once per request.
         self._endpoints: dict[str, Callable[[Scope], HTTPResponse]] = {}
         if metrics_path is not None:
-            # Import now so a missing extra fails at start-up, not on the first scrape.
-            from .prometheus import metrics_response
-
-            self._metrics_response = metrics_response
             self._endpoints[metrics_path] = self._metrics
         if health_path is not None:
             self._endpoints[health_path] = self._health
         self._live = live_response()
         if live_path is not None:
             self._endpoints[live_path] = self._alive
-        self._table = instance_table(instance_dir)
+        self._table = settings.table
         not_allowed = method_not_allowed_response(_READ_METHODS)
         self._not_allowed = (not_allowed.status, _asgi_headers(not_allowed), not_allowed.body)
         # Default refusals depend only on (reason, retry_after): encode each one once.

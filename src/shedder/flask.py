@@ -18,6 +18,7 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError('shedder.flask needs Flask: pip install "loadshedder[flask]"') from None
 
+from ._adapter import check_status_code
 from ._errors import Overloaded
 from ._http import (
     DEFAULT_HEALTH_PATH,
@@ -47,9 +48,6 @@ class ViewDecorator(Protocol):
     def __call__(self, view: Callable[P, Any]) -> Callable[P, flask.Response]: ...
 
 
-_ALLOWED_STATUS = (503, 429)
-
-
 def _to_flask(response: HTTPResponse) -> flask.Response:
     return flask.Response(response.body, status=response.status, headers=list(response.headers))
 
@@ -71,8 +69,7 @@ def shed_load(
     """
     if not isinstance(throttler, Throttler):
         raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
-    if status_code not in _ALLOWED_STATUS:
-        raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
+    check_status_code(status_code)
     if responder is None:
 
         def respond(refusal: Overloaded) -> HTTPResponse:

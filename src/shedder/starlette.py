@@ -15,6 +15,7 @@ import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
+from ._adapter import check_status_code
 from ._errors import Overloaded
 from ._http import DEFAULT_HEALTH_PATH, HTTPResponse, ShedResponder, health_response, shed_response
 from ._throttler import Permit, Throttler, throttlers
@@ -85,8 +86,7 @@ def shed_load(
     """
     if not isinstance(throttler, Throttler):
         raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
-    if status_code not in (503, 429):
-        raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
+    check_status_code(status_code)
     if responder is not None and not callable(responder):
         raise TypeError(f"responder must be callable, got {responder!r}")
 

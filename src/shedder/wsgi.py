@@ -12,6 +12,7 @@ import queue
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._adapter import adapter_settings
 from ._errors import Overloaded
 from ._http import (
     DEFAULT_HEALTH_PATH,
@@ -21,11 +22,9 @@ from ._http import (
     health_response,
     live_response,
     method_not_allowed_response,
-    normalize_path_rules,
     path_matches,
     shed_response,
 )
-from ._instance import instance_table
 from ._throttler import Permit, Throttler, ThrottlerOptions
 
 if TYPE_CHECKING:
@@ -36,7 +35,6 @@ __all__ = ["LoadSheddingMiddleware"]
 
 logger = logging.getLogger("shedder")
 
-_ALLOWED_STATUS = (503, 429)
 _READ_METHODS = ("GET", "HEAD")
 
 
@@ -88,57 +86,34 @@ class LoadSheddingMiddleware:
         instance_dir: str | os.PathLike[str] | None = None,
         **throttler_options: Unpack[ThrottlerOptions],
     ) -> None:
-        if throttler is not None and throttler_options:
-            raise TypeError(
-                "pass either a throttler or its keyword arguments, not both "
-                f"(got throttler and {', '.join(sorted(throttler_options))})"
-            )
-        if throttler is None:
-            if "max_concurrency" not in throttler_options:
-                raise TypeError(
-                    "pass a throttler, or the keyword arguments of a new one "
-                    "(at least max_concurrency)"
-                )
-            throttler = Throttler(**throttler_options)
-        elif not isinstance(throttler, Throttler):
-            raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
-        if status_code not in _ALLOWED_STATUS:
-            raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
-        for name, path in (
-            ("health_path", health_path),
-            ("metrics_path", metrics_path),
-            ("live_path", live_path),
-        ):
-            if path is not None and (not isinstance(path, str) or not path.startswith("/")):
-                raise ValueError(f"{name} must be None or a path starting with '/', got {path!r}")
-
+        settings = adapter_settings(
+            throttler,
+            throttler_options,
+            health_path=health_path,
+            exempt=exempt,
+            status_code=status_code,
+            responder=responder,
+            health_throttlers=health_throttlers,
+            metrics_path=metrics_path,
+            metrics_registry=metrics_registry,
+            live_path=live_path,
+            instance_dir=instance_dir,
+        )
         self.app = app
-        self.throttler = throttler
+        self.throttler = settings.throttler
         self.health_path = health_path
         self.metrics_path = metrics_path
         self.live_path = live_path
-        self._exact, self._prefixes = normalize_path_rules(exempt)
+        self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
         self._status_code = status_code
         self._responder: ShedResponder = responder or self._default_responder
-        if isinstance(health_throttlers, Throttler):
-            health_throttlers = (health_throttlers,)
-        for extra in health_throttlers:
-            if not isinstance(extra, Throttler):
-                raise TypeError(
-                    f"health_throttlers must hold shedder.Throttler objects, got {extra!r}"
-                )
-        self._health_throttlers = (throttler, *health_throttlers)
+        self._health_throttlers = settings.health_throttlers
         self._metrics_registry = metrics_registry
-        self._metrics_response: Callable[[Any, str | None], HTTPResponse] | None = None
-        if metrics_path is not None:
-            # Import now so a missing extra fails at start-up, not on the first scrape.
-            from .prometheus import metrics_response
-
-            self._metrics_response = metrics_response
+        self._metrics_response = settings.metrics_response
         self._not_allowed = method_not_allowed_response(_READ_METHODS)
         self._orphans = _Reclaimer()
         self._live = live_response()
-        self._table = instance_table(instance_dir)
+        self._table = settings.table
 
     def _default_responder(self, refusal: Overloaded) -> HTTPResponse:
         return shed_response(refusal, self._status_code)

@@ -1,0 +1,104 @@
+"""The configuration both web adapters take, checked once, in one place."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from ._http import HTTPResponse, ShedResponder, normalize_path_rules
+from ._instance import InstanceTable, instance_table
+from ._throttler import Throttler
+
+__all__ = ["AdapterSettings", "adapter_settings", "check_status_code"]
+
+
+def check_status_code(status_code: object) -> int:
+    """The refusal status: 503 (the contract) or 429; ``ValueError`` for anything else."""
+    if status_code not in (503, 429):
+        raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
+    return status_code
+
+
+@dataclass(frozen=True, slots=True)
+class AdapterSettings:
+    """What a middleware needs, validated: see ``LoadSheddingMiddleware`` for the meanings."""
+
+    throttler: Throttler
+    health_path: str | None
+    metrics_path: str | None
+    live_path: str | None
+    exempt_exact: frozenset[str]
+    exempt_prefixes: tuple[str, ...]
+    status_code: int
+    responder: ShedResponder | None
+    health_throttlers: tuple[Throttler, ...]  # the adapter's own first
+    metrics_registry: Any
+    metrics_response: Callable[[Any, str | None], HTTPResponse] | None
+    table: InstanceTable | None
+
+
+def adapter_settings(
+    throttler: Throttler | None,
+    throttler_options: Mapping[str, Any],
+    *,
+    health_path: str | None,
+    exempt: Iterable[str],
+    status_code: int,
+    responder: ShedResponder | None,
+    health_throttlers: Sequence[Throttler] | Throttler,
+    metrics_path: str | None,
+    metrics_registry: Any,
+    live_path: str | None,
+    instance_dir: str | os.PathLike[str] | None,
+) -> AdapterSettings:
+    """Check a middleware's arguments; ``TypeError``/``ValueError`` name the culprit."""
+    if throttler is not None and throttler_options:
+        raise TypeError(
+            "pass either a throttler or its keyword arguments, not both "
+            f"(got throttler and {', '.join(sorted(throttler_options))})"
+        )
+    if throttler is None:
+        if "max_concurrency" not in throttler_options:
+            raise TypeError(
+                "pass a throttler, or the keyword arguments of a new one (at least max_concurrency)"
+            )
+        throttler = Throttler(**throttler_options)  # checks its own arguments
+    elif not isinstance(throttler, Throttler):
+        raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
+    check_status_code(status_code)
+    for name, path in (
+        ("health_path", health_path),
+        ("metrics_path", metrics_path),
+        ("live_path", live_path),
+    ):
+        if path is not None and (not isinstance(path, str) or not path.startswith("/")):
+            raise ValueError(f"{name} must be None or a path starting with '/', got {path!r}")
+    if isinstance(health_throttlers, Throttler):
+        health_throttlers = (health_throttlers,)
+    for extra in health_throttlers:
+        if not isinstance(extra, Throttler):
+            raise TypeError(f"health_throttlers must hold shedder.Throttler objects, got {extra!r}")
+    if responder is not None and not callable(responder):
+        raise TypeError(f"responder must be callable, got {responder!r}")
+    metrics: Callable[[Any, str | None], HTTPResponse] | None = None
+    if metrics_path is not None:
+        # Import now so a missing extra fails at start-up, not on the first scrape.
+        from .prometheus import metrics_response as metrics
+
+    exact, prefixes = normalize_path_rules(exempt)
+    return AdapterSettings(
+        throttler=throttler,
+        health_path=health_path,
+        metrics_path=metrics_path,
+        live_path=live_path,
+        exempt_exact=exact,
+        exempt_prefixes=prefixes,
+        status_code=status_code,
+        responder=responder,
+        health_throttlers=(throttler, *health_throttlers),
+        metrics_registry=metrics_registry,
+        metrics_response=metrics,
+        table=instance_table(instance_dir),
+    )
