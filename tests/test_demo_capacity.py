@@ -22,7 +22,8 @@ def test_slowdown_and_named_limit_round_trip_through_the_environment() -> None:
     options = throttler_options(back.shedder)
     assert isinstance(options["max_concurrency"], VegasLimit)
     assert options["max_concurrency"].max_limit == 50
-    assert options["max_queue"] == 8 and "limit" not in options
+    assert options["max_queue"] == 8
+    assert "limit" not in options
 
 
 def test_the_existing_settings_are_unchanged() -> None:
@@ -51,7 +52,7 @@ def test_bad_limit_options(options: dict[str, object], message: str) -> None:
 
 @pytest.mark.parametrize("raw", ['{"a": 1}', "[[1, 2]]", "[[5, 2, 3]]", "[[0, 1, 0]]"])
 def test_bad_slowdown_names_the_variable_or_the_stretch(raw: str) -> None:
-    with pytest.raises(ValueError, match="SHEDDER_DEMO_SLOWDOWN|slowdown"):
+    with pytest.raises(ValueError, match=r"SHEDDER_DEMO_SLOWDOWN|slowdown"):
         AppSettings.from_env({"SHEDDER_DEMO_SLOWDOWN": raw})
 
 
