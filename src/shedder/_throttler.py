@@ -218,10 +218,13 @@ class Throttler:
         queue_discipline: ``"fifo"`` (default): first come, first served, a full queue refuses
             the arrival. ``"lifo"``: newest first, a full queue refuses its oldest waiter.
             ``"codel"``: FIFO while the queue keeps emptying; once it has not been empty for
-            ``codel_interval`` seconds, new waiters may wait only ``codel_target`` seconds and
-            are served newest first, so a standing queue cannot form.
+            ``codel_interval`` seconds it is standing: waiters that already waited
+            ``codel_target`` seconds are refused (``queue_timeout``), new ones may wait only
+            ``codel_target`` and are served newest first, so a standing queue cannot form. It
+            stands until arrivals have found a free slot for a whole ``codel_interval``.
         codel_target: seconds; the wait allowed while a standing queue is detected.
-        codel_interval: seconds the queue must stay non-empty to count as standing.
+        codel_interval: seconds the queue must stay non-empty to count as standing (and
+            without congestion to stop counting as standing).
         name: label for metrics and health reports.
         clock: monotonic clock in seconds (for simulations; waiting always uses real time).
 
