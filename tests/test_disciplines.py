@@ -127,17 +127,87 @@ async def test_codel_standing_queue_gets_short_waits_and_newest_first() -> None:
     holder = await throttler.acquire_async()
     early = await queue_up(throttler, 2)  # normal waits (5 s), queue busy since t=0
     now[0] = 0.5  # the queue has not emptied for 0.5 s > interval: it is standing
-    late = await queue_up(throttler, 2)  # these may wait only codel_target
+    late = await queue_up(throttler, 3)  # these may wait only codel_target
+    # The early waiters have waited longer than the target: refused at once, not after 5 s.
+    for task in early:
+        with pytest.raises(Overloaded, match="queue_timeout"):
+            await asyncio.wait_for(task, 1)
     # Newest first while it stands.
     holder.release()
-    newest = await asyncio.wait_for(late[1], 1)
-    assert not early[0].done()
-    # The other late arrival times out after the short target, not after 5 s.
+    newest = await asyncio.wait_for(late[2], 1)
+    assert not late[0].done()
+    newest.release()
+    second = await asyncio.wait_for(late[1], 1)
+    # The last late arrival times out after the short target (real time), not after 5 s.
     with pytest.raises(Overloaded, match="queue_timeout"):
         await asyncio.wait_for(late[0], 1)
-    # Still standing: the early waiters, too, are served newest first.
-    assert await admission_order(throttler, newest, early) == [1, 0]
+    second.release()
     assert (throttler.in_flight, throttler.queued) == (0, 0)
+    assert throttler.stats().shed_total["queue_timeout"] == 3
+
+
+async def test_codel_standing_state_outlives_the_short_waits_that_empty_the_queue() -> None:
+    now = [0.0]
+    throttler = Throttler(
+        max_concurrency=1,
+        max_queue=10,
+        queue_timeout=5,
+        queue_discipline="codel",
+        codel_interval=0.1,
+        codel_target=0.01,
+        clock=lambda: now[0],
+    )
+    holder = await throttler.acquire_async()
+    (first,) = await queue_up(throttler, 1)
+    now[0] = 0.2
+    (second,) = await queue_up(throttler, 1)  # standing: the first is refused now
+    with pytest.raises(Overloaded, match="queue_timeout"):
+        await asyncio.wait_for(first, 1)
+    with pytest.raises(Overloaded, match="queue_timeout"):
+        await asyncio.wait_for(second, 1)  # its short wait runs out: the queue is empty
+    # Still overloaded a moment later: the short waits emptied the queue, but the arrival
+    # still finds no free slot, so the queue is still standing (no long FIFO wait again).
+    now[0] = 0.25
+    (third,) = await queue_up(throttler, 1)
+    with pytest.raises(Overloaded, match="queue_timeout"):
+        await asyncio.wait_for(third, 1)
+    # A whole interval in which no arrival found the slots full: the standing state ends, and
+    # a new arrival gets the normal wait, first come first served.
+    holder.release()
+    holder = await throttler.acquire_async()
+    now[0] = 0.4
+    waiting = await queue_up(throttler, 2)
+    now[0] = 0.45
+    assert await admission_order(throttler, holder, waiting) == [0, 1]
+
+
+async def test_codel_tells_listeners_whom_it_refused_and_how_long_they_waited() -> None:
+    now = [0.0]
+    sheds: list[tuple[str, float]] = []
+
+    class Recorder(ThrottlerListener):
+        def on_shed(self, throttler: Throttler, reason: str, waited: float) -> None:
+            sheds.append((reason, waited))
+
+    throttler = Throttler(
+        max_concurrency=1,
+        max_queue=4,
+        queue_timeout=5,
+        queue_discipline="codel",
+        codel_interval=0.1,
+        codel_target=0.01,
+        clock=lambda: now[0],
+    )
+    throttler.add_listener(Recorder())
+    holder = await throttler.acquire_async()
+    (early,) = await queue_up(throttler, 1)
+    now[0] = 0.3
+    (late,) = await queue_up(throttler, 1)
+    with pytest.raises(Overloaded, match="queue_timeout"):
+        await asyncio.wait_for(early, 1)
+    assert sheds == [("queue_timeout", pytest.approx(0.3))]
+    holder.release()
+    (await asyncio.wait_for(late, 1)).release()
 
 
 def test_bad_discipline_names_the_choices() -> None:

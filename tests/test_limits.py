@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from shedder import Throttler
+from shedder import Overloaded, Throttler
 from shedder.limits import AIMDLimit, FixedLimit, Gradient2Limit, Limit, VegasLimit
 
 from .simulation import Simulation
@@ -210,3 +210,27 @@ def test_a_drop_counts_in_the_round_but_not_as_latency() -> None:
     # The round's last sample is a 5 s queue timeout: a drop (-1), not a 5 s latency.
     assert vegas.update(5.0, 10, True) == 9
     assert vegas.rtt_noload == 0.020
+
+
+def test_a_queue_timeout_does_not_shrink_the_limit() -> None:
+    """Queue timeouts mean more arrivals than the service takes, not a congested service.
+
+    Fed to the limit as drops, they shrank Vegas to 7 slots for a pool of 8 under 2x overload
+    on the benchmark (69% of capacity): a lower limit only sheds more of the same load.
+    """
+
+    class Recording(Limit):
+        def __init__(self) -> None:
+            super().__init__(1)
+            self.samples: list[tuple[float, int, bool]] = []
+
+        def update(self, rtt: float, in_flight: int, dropped: bool) -> int:
+            self.samples.append((rtt, in_flight, dropped))
+            return super().update(rtt, in_flight, dropped)
+
+    recording = Recording()
+    throttler = Throttler(recording, max_queue=1, queue_timeout=0.0)
+    with throttler, pytest.raises(Overloaded, match="queue_timeout"):
+        throttler.acquire()
+    assert [dropped for _, _, dropped in recording.samples] == [False]
+    assert throttler.max_concurrency == 1

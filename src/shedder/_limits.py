@@ -1,9 +1,11 @@
 """Concurrency limit algorithms: how many slots a throttler offers, learned from latency.
 
 Pass one as ``Throttler(max_concurrency=VegasLimit())``. The throttler reads ``limit`` on every
-admission and calls :meth:`Limit.update` with each completed request's slot time (``rtt``) and
-with each queue timeout (``dropped=True``), inside the critical section it already holds: the
-algorithms are a few float operations and never block, so adapting costs no extra lock.
+admission and calls :meth:`Limit.update` with each completed request's slot time (``rtt``),
+inside the critical section it already holds: the algorithms are a few float operations and
+never block, so adapting costs no extra lock. Queue timeouts are not fed in as drops: they mean
+more arrivals than the service takes, which a lower limit cannot fix (it would only shed more).
+``dropped=True`` is for callers that know a request failed for congestion (a backend timeout).
 
 The algorithms follow the published ones (TCP Vegas and AIMD congestion control, and
 Netflix's concurrency-limits Gradient2), written anew with their published defaults except where
@@ -70,7 +72,8 @@ class Limit:
         """Learn from one sample and return the (possibly new) limit.
 
         ``rtt`` is the seconds the request held its slot (or waited, for a drop), ``in_flight``
-        the requests in flight when it finished, ``dropped`` True for a queue timeout.
+        the requests in flight when it finished, ``dropped`` True for a request that failed for
+        congestion (the throttler itself never reports queue timeouts as drops).
         """
         self._round_samples += 1
         self._round_in_flight = max(self._round_in_flight, in_flight)

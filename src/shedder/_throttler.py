@@ -218,10 +218,13 @@ class Throttler:
         queue_discipline: ``"fifo"`` (default): first come, first served, a full queue refuses
             the arrival. ``"lifo"``: newest first, a full queue refuses its oldest waiter.
             ``"codel"``: FIFO while the queue keeps emptying; once it has not been empty for
-            ``codel_interval`` seconds, new waiters may wait only ``codel_target`` seconds and
-            are served newest first, so a standing queue cannot form.
+            ``codel_interval`` seconds it is standing: waiters that already waited
+            ``codel_target`` seconds are refused (``queue_timeout``), new ones may wait only
+            ``codel_target`` and are served newest first, so a standing queue cannot form. It
+            stands until arrivals have found a free slot for a whole ``codel_interval``.
         codel_target: seconds; the wait allowed while a standing queue is detected.
-        codel_interval: seconds the queue must stay non-empty to count as standing.
+        codel_interval: seconds the queue must stay non-empty to count as standing (and
+            without congestion to stop counting as standing).
         name: label for metrics and health reports.
         clock: monotonic clock in seconds (for simulations; waiting always uses real time).
 
@@ -295,8 +298,12 @@ class Throttler:
 
         self._lock = threading.Lock()
         self._in_flight = 0
-        self._waiters: OrderedDict[_Waiter, None] = OrderedDict()
+        # Waiters in arrival order, each with the clock time it queued at.
+        self._waiters: OrderedDict[_Waiter, float] = OrderedDict()
         self._queue_busy_since = 0.0  # when the queue last went from empty to non-empty
+        # CoDel: a standing queue was detected, and when an arrival last found no free slot.
+        self._standing = False
+        self._last_congested = 0.0
         self._admitted = 0
         self._cancelled = 0
         self._shed: dict[ShedReason, int] = dict.fromkeys(SHED_REASONS, 0)
@@ -391,16 +398,19 @@ class Throttler:
                 self._admitted += 1
                 if not self._listeners:
                     return Permit(self, now, 0.0)
-                refusal = waiter = evicted = None
+                refusal = waiter = None
+                evicted: list[tuple[Overloaded, float]] = []
             else:
                 waiter = None
                 refusal, evicted, wait_for = self._admission_locked(now, wait_for)
                 if refusal is None:
                     waiter = _ThreadWaiter()
-                    self._waiters[waiter] = None
+                    self._waiters[waiter] = now
+        if evicted and self._listeners:
+            self._notify_evicted(evicted, now)
         if waiter is None:
             return self._admitted_at_once(refusal, now)
-        self._queued(evicted)
+        self._queued()
         try:
             waiter.lock.acquire(True, -1 if wait_for > threading.TIMEOUT_MAX else wait_for)
         except BaseException:
@@ -422,16 +432,19 @@ class Throttler:
                 self._admitted += 1
                 if not self._listeners:
                     return Permit(self, now, 0.0)
-                refusal = waiter = evicted = None
+                refusal = waiter = None
+                evicted: list[tuple[Overloaded, float]] = []
             else:
                 waiter = None
                 refusal, evicted, wait_for = self._admission_locked(now, wait_for)
                 if refusal is None:
                     waiter = _AsyncWaiter(asyncio.get_running_loop())
-                    self._waiters[waiter] = None
+                    self._waiters[waiter] = now
+        if evicted and self._listeners:
+            self._notify_evicted(evicted, now)
         if waiter is None:
             return self._admitted_at_once(refusal, now)
-        self._queued(evicted)
+        self._queued()
         expiry = (
             waiter.loop.call_later(wait_for, _resolve, waiter.future)
             if wait_for != math.inf
@@ -449,43 +462,66 @@ class Throttler:
 
     def _admission_locked(
         self, now: float, wait_for: float
-    ) -> tuple[Overloaded | None, Overloaded | None, float]:
+    ) -> tuple[Overloaded | None, list[tuple[Overloaded, float]], float]:
         """No free slot: decide between refusing the arrival and letting it wait.
 
-        Returns the arrival's refusal (or None: it may queue), the refusal of an older waiter
-        evicted to make room for it (LIFO, or CoDel with a standing queue), and how long it may
-        wait. The caller enqueues the arrival.
+        Returns the arrival's refusal (or None: it may queue), the refusals (and waits) of older
+        waiters shed to make room for it or for having waited too long (LIFO, or CoDel with a
+        standing queue), and how long it may wait. The caller enqueues the arrival.
         """
         waiters = self._waiters
-        queued = len(waiters)
-        evicted: Overloaded | None = None
-        if not waiters:
-            self._queue_busy_since = now
+        evicted: list[tuple[Overloaded, float]] = []
         lifo = self._discipline == "lifo"
-        if self._discipline == "codel" and now - self._queue_busy_since >= self._codel_interval:
-            # A standing queue: short waits, newest first.
-            wait_for = min(wait_for, self._codel_target)
-            lifo = True
+        if self._discipline == "codel":
+            if self._standing and now - self._last_congested >= self._codel_interval:
+                self._standing = False  # a whole interval with a free slot for every arrival
+            self._last_congested = now
+            if not waiters and not self._standing:
+                self._queue_busy_since = now
+            elif now - self._queue_busy_since >= self._codel_interval:
+                # Standing until arrivals find free slots for an interval again, not merely
+                # until the short waits below empty the queue: else it flips back to long FIFO
+                # waits many times a second under overload.
+                self._standing = True
+            if self._standing:
+                # Short waits, newest first; whoever already waited the target is refused now
+                # rather than at its own (long) queue_timeout.
+                wait_for = min(wait_for, self._codel_target)
+                lifo = True
+                self._shed_stale_locked(now, evicted)
+        elif not waiters:
+            self._queue_busy_since = now
+        queued = len(waiters)
         reason: ShedReason
         if queued >= self._max_queue:
             if not (lifo and waiters):
                 reason = "queue_full"
             else:
-                oldest = next(iter(waiters))
-                del waiters[oldest]
+                oldest, since = waiters.popitem(last=False)
                 self._shed["queue_full"] += 1
-                evicted = Overloaded("queue_full", self._retry_after_locked())
-                if not oldest.wake("queue_full"):
-                    evicted = None  # its loop is gone: nobody to tell
+                if oldest.wake("queue_full"):  # else its loop is gone: nobody to tell
+                    evicted.append((Overloaded("queue_full", self._retry_after_locked()), since))
                 return None, evicted, wait_for
         elif (self._in_flight + queued) / (
             self._max_concurrency + self._max_queue
         ) >= self._shed_threshold:
             reason = "overloaded"
         else:
-            return None, None, wait_for
+            return None, evicted, wait_for
         self._shed[reason] += 1
-        return Overloaded(reason, self._retry_after_locked()), None, wait_for
+        return Overloaded(reason, self._retry_after_locked()), evicted, wait_for
+
+    def _shed_stale_locked(self, now: float, evicted: list[tuple[Overloaded, float]]) -> None:
+        """Refuse, oldest first, the waiters that have waited ``codel_target`` or longer."""
+        waiters = self._waiters
+        while waiters:
+            oldest, since = next(iter(waiters.items()))
+            if now - since < self._codel_target:
+                return  # arrival order: everyone behind it waited less
+            del waiters[oldest]
+            self._shed["queue_timeout"] += 1
+            if oldest.wake("queue_timeout"):
+                evicted.append((Overloaded("queue_timeout", self._retry_after_locked()), since))
 
     def _admitted_at_once(self, refusal: Overloaded | None, now: float) -> Permit:
         """Finish an arrival that did not queue: tell the listeners, then admit or refuse."""
@@ -495,11 +531,14 @@ class Throttler:
         self._notify("on_admit", 0.0)
         return Permit(self, now, 0.0)
 
-    def _queued(self, evicted: Overloaded | None) -> None:
-        """Tell the listeners an arrival queued (and, for LIFO, whom it pushed out)."""
+    def _notify_evicted(self, evicted: list[tuple[Overloaded, float]], now: float) -> None:
+        """Tell the listeners whom an arrival pushed out of the queue, with their waits."""
+        for refusal, since in evicted:
+            self._notify_shed(refusal, now - since)
+
+    def _queued(self) -> None:
+        """Tell the listeners an arrival queued."""
         if self._listeners:
-            if evicted is not None:
-                self._notify_shed(evicted, 0.0)
             self._notify("on_queue")
 
     def _after_wait(self, waiter: _Waiter, started: float) -> Permit:
@@ -516,8 +555,9 @@ class Throttler:
                 del self._waiters[waiter]
                 self._shed["queue_timeout"] += 1
                 refusal = Overloaded("queue_timeout", self._retry_after_locked())
-                if self._limit is not None:
-                    self._relimit_locked(self._limit.update(waited, self._in_flight, True))
+                # Not fed to the limit as a drop: a queue timeout says more arrive than the
+                # service takes, not that the service is congested, and shrinking the limit
+                # for it cuts throughput while the load stays the same (a death spiral).
             else:
                 # Evicted by a newer arrival, which counted it and told the listeners.
                 raise Overloaded(outcome, self._retry_after_locked())
@@ -571,10 +611,7 @@ class Throttler:
         """Hand free slots to waiters (oldest first, or newest first when serving LIFO)."""
         waiters = self._waiters
         while waiters and self._in_flight < self._max_concurrency:
-            newest_first = self._discipline == "lifo" or (
-                self._discipline == "codel"
-                and self._clock() - self._queue_busy_since >= self._codel_interval
-            )
+            newest_first = self._discipline == "lifo" or self._standing
             waiter, _ = waiters.popitem(last=newest_first)
             if waiter.wake(_GRANTED):
                 self._in_flight += 1

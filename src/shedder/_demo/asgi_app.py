@@ -13,7 +13,7 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from .database import SimulatedDatabase
-from .settings import AppSettings
+from .settings import AppSettings, throttler_options
 
 __all__ = ["app", "make_app"]
 
@@ -28,7 +28,8 @@ _HEADERS = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
 
 def make_app(settings: AppSettings) -> ASGIApp:
     """The bare app, wrapped in shedder's ASGI middleware when ``settings.shedder`` is set."""
-    database = SimulatedDatabase(settings.pool, settings.hold_ms / 1000.0)
+    slowdown = settings.factor_at if settings.slowdown else None
+    database = SimulatedDatabase(settings.pool, settings.hold_ms / 1000.0, slowdown)
 
     async def bare(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -44,7 +45,7 @@ def make_app(settings: AppSettings) -> ASGIApp:
     # from JSON and cannot be checked against ThrottlerOptions before run time.
     middleware = importlib.import_module("shedder.asgi").LoadSheddingMiddleware
 
-    shedded: ASGIApp = middleware(bare, exempt=["/ready"], **settings.shedder)
+    shedded: ASGIApp = middleware(bare, exempt=["/ready"], **throttler_options(settings.shedder))
     return shedded
 
 

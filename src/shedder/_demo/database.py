@@ -17,14 +17,21 @@ import asyncio
 import heapq
 import threading
 import time
+from collections.abc import Callable
 
 __all__ = ["SimulatedDatabase"]
 
 
 class SimulatedDatabase:
-    """``pool`` connections held ``hold`` seconds per query; usable from threads and tasks."""
+    """``pool`` connections held ``hold`` seconds per query; usable from threads and tasks.
 
-    def __init__(self, pool: int, hold: float) -> None:
+    ``slowdown(elapsed)``, if given, multiplies the hold of a query that starts ``elapsed``
+    seconds after the first query was booked: capacity that changes mid-run.
+    """
+
+    def __init__(
+        self, pool: int, hold: float, slowdown: Callable[[float], float] | None = None
+    ) -> None:
         if pool < 1:
             raise ValueError(f"pool must be >= 1, got {pool}")
         if not hold > 0:
@@ -33,6 +40,8 @@ class SimulatedDatabase:
         self.hold = hold
         self._free_at = [0.0] * pool  # a heap of the times each connection frees
         self._lock = threading.Lock()
+        self._slowdown = slowdown
+        self._epoch: float | None = None  # when the first query was booked
 
     def book(self) -> float:
         """Reserve the connection that frees first; return when this query will be done.
@@ -42,7 +51,12 @@ class SimulatedDatabase:
         now = time.monotonic()
         with self._lock:
             start = max(now, self._free_at[0])
-            done = start + self.hold
+            hold = self.hold
+            if self._slowdown is not None:
+                if self._epoch is None:
+                    self._epoch = now
+                hold *= self._slowdown(start - self._epoch)
+            done = start + hold
             heapq.heapreplace(self._free_at, done)
         return done
 

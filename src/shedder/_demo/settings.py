@@ -2,7 +2,12 @@
 
 One module serves the bare and the shedded variants, so the server command line stays the same
 and only ``SHEDDER_DEMO_SHEDDER`` (JSON keyword arguments for ``LoadSheddingMiddleware``, empty
-for the bare app) changes.
+for the bare app) changes. ``SHEDDER_DEMO_SLOWDOWN`` (JSON ``[[start_s, end_s, factor], ...]``)
+makes the database slower for stretches of the run, so capacity changes mid-run.
+
+JSON cannot carry a :class:`shedder.limits.Limit`, so the shedder options may name one:
+``{"limit": {"vegas": {"max_limit": 100}}}`` becomes ``max_concurrency=VegasLimit(max_limit=100)``
+(see :func:`throttler_options`).
 """
 
 from __future__ import annotations
@@ -13,11 +18,65 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["AppSettings"]
+__all__ = ["LIMITS", "AppSettings", "throttler_options"]
 
 POOL_ENV = "SHEDDER_DEMO_POOL"
 HOLD_ENV = "SHEDDER_DEMO_HOLD_MS"
 SHEDDER_ENV = "SHEDDER_DEMO_SHEDDER"
+SLOWDOWN_ENV = "SHEDDER_DEMO_SLOWDOWN"
+
+LIMITS = {
+    "fixed": "FixedLimit",
+    "aimd": "AIMDLimit",
+    "vegas": "VegasLimit",
+    "gradient2": "Gradient2Limit",
+}
+"""Limit algorithms by the name the ``limit`` option uses, and their class in shedder.limits."""
+
+Slowdown = tuple[tuple[float, float, float], ...]
+
+
+def throttler_options(options: Mapping[str, Any]) -> dict[str, Any]:
+    """The middleware's keyword arguments, with a named ``limit`` built into ``max_concurrency``.
+
+    ``{"limit": {"vegas": {}}}`` gives ``max_concurrency=VegasLimit()``; ``ValueError`` for an
+    unknown name, a malformed entry, or both ``limit`` and ``max_concurrency``.
+    """
+    built = dict(options)
+    spec = built.pop("limit", None)
+    if spec is None:
+        return built
+    if "max_concurrency" in built:
+        raise ValueError("give either limit or max_concurrency, not both")
+    if not isinstance(spec, dict) or len(spec) != 1:
+        raise ValueError(f'limit must be {{"name": {{kwargs}}}} with one name, got {spec!r}')
+    ((name, kwargs),) = spec.items()
+    if name not in LIMITS or not isinstance(kwargs, dict):
+        raise ValueError(f"limit must name one of {', '.join(LIMITS)} with a kwargs object")
+    from shedder import limits
+
+    built["max_concurrency"] = getattr(limits, LIMITS[name])(**kwargs)
+    return built
+
+
+def _parse_slowdown(raw: str) -> Slowdown:
+    value = json.loads(raw) if raw else []
+    if not isinstance(value, list):
+        raise ValueError(f"{SLOWDOWN_ENV} must be a JSON list of [start, end, factor]")
+    return tuple(_check_stretch(item) for item in value)
+
+
+def _check_stretch(item: object) -> tuple[float, float, float]:
+    if (
+        not isinstance(item, (list, tuple))
+        or len(item) != 3
+        or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in item)
+    ):
+        raise ValueError(f"a slowdown stretch must be [start_s, end_s, factor], got {item!r}")
+    start, end, factor = (float(v) for v in item)
+    if not 0 <= start < end or not factor > 0:
+        raise ValueError(f"a slowdown needs 0 <= start < end and factor > 0, got {item!r}")
+    return start, end, factor
 
 
 @dataclass(frozen=True)
@@ -26,23 +85,35 @@ class AppSettings:
 
     Capacity is ``pool / hold_ms * 1000`` requests per second. ``shedder`` holds the keyword
     arguments for ``LoadSheddingMiddleware`` (``max_concurrency``, ``max_queue``, ...), or is
-    empty for the bare app.
+    empty for the bare app. ``slowdown`` holds ``(start_s, end_s, factor)`` stretches, in
+    seconds from the first query, during which a query holds its connection ``factor`` times
+    longer.
     """
 
     pool: int = 8
     hold_ms: float = 20.0
     shedder: Mapping[str, Any] = field(default_factory=dict)
+    slowdown: Slowdown = ()
 
     def __post_init__(self) -> None:
         if self.pool < 1:
             raise ValueError(f"pool must be >= 1, got {self.pool}")
         if not self.hold_ms > 0:
             raise ValueError(f"hold_ms must be > 0, got {self.hold_ms}")
+        for stretch in self.slowdown:
+            _check_stretch(stretch)
 
     @property
     def capacity(self) -> float:
         """Requests per second the simulated database can serve."""
         return self.pool * 1000.0 / self.hold_ms
+
+    def factor_at(self, elapsed: float) -> float:
+        """How many times slower a query is ``elapsed`` seconds after the first one."""
+        for start, end, factor in self.slowdown:
+            if start <= elapsed < end:
+                return factor
+        return 1.0
 
     def to_env(self) -> dict[str, str]:
         """The environment variables that make a server process build this app."""
@@ -50,6 +121,7 @@ class AppSettings:
             POOL_ENV: str(self.pool),
             HOLD_ENV: repr(self.hold_ms),
             SHEDDER_ENV: json.dumps(dict(self.shedder)) if self.shedder else "",
+            SLOWDOWN_ENV: json.dumps([list(s) for s in self.slowdown]) if self.slowdown else "",
         }
 
     @classmethod
@@ -65,4 +137,5 @@ class AppSettings:
         options = json.loads(raw) if raw else {}
         if not isinstance(options, dict):
             raise ValueError(f"{SHEDDER_ENV} must be a JSON object, got {raw!r}")
-        return cls(pool=pool, hold_ms=hold_ms, shedder=options)
+        slowdown = _parse_slowdown(env.get(SLOWDOWN_ENV, ""))
+        return cls(pool=pool, hold_ms=hold_ms, shedder=options, slowdown=slowdown)

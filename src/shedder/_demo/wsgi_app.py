@@ -12,14 +12,15 @@ from typing import Any
 from flask import Flask
 
 from .database import SimulatedDatabase
-from .settings import AppSettings
+from .settings import AppSettings, throttler_options
 
 __all__ = ["app", "make_app"]
 
 
 def make_app(settings: AppSettings) -> Any:
     """The Flask app, wrapped in shedder's WSGI middleware when ``settings.shedder`` is set."""
-    database = SimulatedDatabase(settings.pool, settings.hold_ms / 1000.0)
+    slowdown = settings.factor_at if settings.slowdown else None
+    database = SimulatedDatabase(settings.pool, settings.hold_ms / 1000.0, slowdown)
     flask_app = Flask("shedder_demo")
 
     @flask_app.get("/ready")
@@ -37,7 +38,7 @@ def make_app(settings: AppSettings) -> Any:
     # from JSON and cannot be checked against ThrottlerOptions before run time.
     middleware = importlib.import_module("shedder.wsgi").LoadSheddingMiddleware
 
-    return middleware(flask_app, exempt=["/ready"], **settings.shedder)
+    return middleware(flask_app, exempt=["/ready"], **throttler_options(settings.shedder))
 
 
 app = make_app(AppSettings.from_env())
