@@ -10,6 +10,19 @@ import pytest
 from shedder import Overloaded, Permit, Throttler, ThrottlerListener
 
 
+def codel_throttler(now: list[float], *, max_queue: int, codel_target: float) -> Throttler:
+    """One slot, a 5 s queue timeout and a 0.1 s CoDel interval, on the test's clock ``now[0]``."""
+    return Throttler(
+        max_concurrency=1,
+        max_queue=max_queue,
+        queue_timeout=5,
+        queue_discipline="codel",
+        codel_interval=0.1,
+        codel_target=codel_target,
+        clock=lambda: now[0],
+    )
+
+
 async def queue_up(throttler: Throttler, count: int) -> list[asyncio.Task[Permit]]:
     tasks = []
     for _ in range(count):
@@ -98,15 +111,7 @@ def test_lifo_with_no_queue_still_refuses_the_arrival() -> None:
 
 async def test_codel_is_fifo_while_the_queue_keeps_emptying() -> None:
     now = [0.0]
-    throttler = Throttler(
-        max_concurrency=1,
-        max_queue=5,
-        queue_timeout=5,
-        queue_discipline="codel",
-        codel_interval=0.1,
-        codel_target=0.005,
-        clock=lambda: now[0],
-    )
+    throttler = codel_throttler(now, max_queue=5, codel_target=0.005)
     holder = await throttler.acquire_async()
     tasks = await queue_up(throttler, 3)
     now[0] = 0.05  # the queue has been busy for less than the interval
@@ -115,15 +120,7 @@ async def test_codel_is_fifo_while_the_queue_keeps_emptying() -> None:
 
 async def test_codel_standing_queue_gets_short_waits_and_newest_first() -> None:
     now = [0.0]
-    throttler = Throttler(
-        max_concurrency=1,
-        max_queue=10,
-        queue_timeout=5,
-        queue_discipline="codel",
-        codel_interval=0.1,
-        codel_target=0.02,
-        clock=lambda: now[0],
-    )
+    throttler = codel_throttler(now, max_queue=10, codel_target=0.02)
     holder = await throttler.acquire_async()
     early = await queue_up(throttler, 2)  # normal waits (5 s), queue busy since t=0
     now[0] = 0.5  # the queue has not emptied for 0.5 s > interval: it is standing
@@ -148,15 +145,7 @@ async def test_codel_standing_queue_gets_short_waits_and_newest_first() -> None:
 
 async def test_codel_standing_state_outlives_the_short_waits_that_empty_the_queue() -> None:
     now = [0.0]
-    throttler = Throttler(
-        max_concurrency=1,
-        max_queue=10,
-        queue_timeout=5,
-        queue_discipline="codel",
-        codel_interval=0.1,
-        codel_target=0.01,
-        clock=lambda: now[0],
-    )
+    throttler = codel_throttler(now, max_queue=10, codel_target=0.01)
     holder = await throttler.acquire_async()
     (first,) = await queue_up(throttler, 1)
     now[0] = 0.2
@@ -189,15 +178,7 @@ async def test_codel_tells_listeners_whom_it_refused_and_how_long_they_waited() 
         def on_shed(self, throttler: Throttler, reason: str, waited: float) -> None:
             sheds.append((reason, waited))
 
-    throttler = Throttler(
-        max_concurrency=1,
-        max_queue=4,
-        queue_timeout=5,
-        queue_discipline="codel",
-        codel_interval=0.1,
-        codel_target=0.01,
-        clock=lambda: now[0],
-    )
+    throttler = codel_throttler(now, max_queue=4, codel_target=0.01)
     throttler.add_listener(Recorder())
     holder = await throttler.acquire_async()
     (early,) = await queue_up(throttler, 1)
