@@ -29,6 +29,7 @@ TESTS = Path(__file__).resolve().parent
 
 
 def free_port() -> int:
+    # Not imported from .net: uvicorn loads this file as a top-level module.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port: int = sock.getsockname()[1]

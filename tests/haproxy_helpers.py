@@ -13,8 +13,7 @@ import os
 import socket
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,26 +21,11 @@ import httpx
 
 import shedder
 
+from .net import free_port, wait_for
+
 SRC_DIR = Path(shedder.__file__).resolve().parent.parent
 REPO_DIR = SRC_DIR.parent
 EXAMPLE_DIR = REPO_DIR / "examples" / "haproxy"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll another process's state until ``predicate`` holds; False if it never does."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def stop(process: subprocess.Popen[bytes]) -> str:

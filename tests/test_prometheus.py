@@ -24,6 +24,8 @@ import shedder
 from shedder import Overloaded, Permit, Throttler, ThrottlerListener
 from shedder.prometheus import DEFAULT_BUCKETS, instrument, metrics_response
 
+from .net import free_port
+
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 # Both implementations must expose the same thing; "multiprocess" here runs the per-event
@@ -423,13 +425,6 @@ def app(environ, start_response):
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
-
-
 @pytest.fixture
 def gunicorn_app(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
     """A gunicorn with 2 gthread workers in multiprocess mode; yields (base URL, control)."""
@@ -439,7 +434,7 @@ def gunicorn_app(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
     (tmp_path / "app.py").write_text(GUNICORN_APP)
     multiproc_dir = tmp_path / "prometheus"
     multiproc_dir.mkdir()
-    port = _free_port()
+    port = free_port()
     env = {
         **os.environ,
         "PYTHONPATH": os.path.dirname(os.path.dirname(shedder.__file__)),

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import os
-import socket
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,8 @@ import httpx
 import pytest
 
 import shedder
+
+from .net import free_port, wait_for
 
 pytestmark = pytest.mark.server
 
@@ -30,23 +31,6 @@ MAX_QUEUE = 4
 # gthread sizing: every request in flight or queued in shedder holds a worker thread, so the
 # pool needs max_concurrency + max_queue threads plus spare ones for health, stats and refusals.
 THREADS = MAX_CONCURRENCY + MAX_QUEUE + 8
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def wait_for(predicate: Callable[[], bool], timeout: float = 10.0) -> bool:
-    """Poll another process's state until ``predicate`` holds; False if it never does."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.01)
-    return predicate()
 
 
 def start_gunicorn(app: str, cwd: Path, extra_path: Path | None = None) -> tuple[Any, str]:
