@@ -204,7 +204,9 @@ def test_agent_lowers_the_weight_of_the_busy_instance_and_restores_it(
                 while_low = traffic.since(low)
                 # Still in rotation (never drained), but it gets a trickle, not half.
                 assert proxy.status("app1") == "UP"
-                assert proxy.weight("app2") == 100
+                # app2 carries the traffic now, and its agent honestly reports that load:
+                # (nearly) full weight, the same bound app1 is held to once it recovers.
+                assert proxy.weight("app2") >= 90
                 to_first = [a for a in while_low if a.served_by == "app1"]
                 assert len(to_first) <= len(while_low) // 5, (len(to_first), len(while_low))
             finally:
