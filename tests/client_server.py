@@ -108,7 +108,7 @@ def create_shedding_app() -> Any:
     from starlette.routing import Route
 
     from shedder import Overloaded, Throttler
-    from shedder._http import shed_response
+    from shedder._web.http import shed_response
 
     arrivals: defaultdict[str, list[dict[str, Any]]] = defaultdict(list)
     throttler = Throttler(max_concurrency=1, max_queue=0, retry_after=1, name="client-e2e")

@@ -14,7 +14,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from shedder import Overloaded, Throttler
-from shedder._http import HTTPResponse
+from shedder._web.http import HTTPResponse
 from shedder.asgi import WATCH_BODY_LIMIT, LoadSheddingMiddleware
 
 Message = dict[str, Any]

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 
-from shedder._budget import AdaptiveThrottle, ClientThrottled, RetryBudget
+from shedder._client.budget import AdaptiveThrottle, ClientThrottled, RetryBudget
 
 
 class FakeClock:

@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 
 from shedder import Throttler
-from shedder._http import health_response, live_response
-from shedder._instance import InstanceTable, _read
+from shedder._web.http import health_response, live_response
+from shedder._web.instance import InstanceTable, _read
 from shedder.wsgi import LoadSheddingMiddleware
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from shedder import Throttler
-from shedder._instance import InstanceTable
+from shedder._web.instance import InstanceTable
 
 
 def worker(directory: str, holds: int, ready: object, done: object) -> None:

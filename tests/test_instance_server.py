@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from shedder import ThrottlerStats
-from shedder._instance import _read
+from shedder._web.instance import _read
 from shedder.agent import agent_reply
 
 from .haproxy_helpers import App, gunicorn_app, uvicorn_app, wait_for

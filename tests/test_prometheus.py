@@ -392,7 +392,7 @@ import os
 import socket
 
 from shedder import Overloaded, Throttler
-from shedder._http import shed_response
+from shedder._web.http import shed_response
 from shedder.prometheus import instrument, metrics_response
 
 CONTROL = ("127.0.0.1", int(os.environ["SHEDDER_TEST_CONTROL_PORT"]))

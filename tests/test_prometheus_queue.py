@@ -14,7 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 import shedder
 from shedder import BlockingQueue, MonitoredQueue
-from shedder._prometheus_queue import instrument_queue
+from shedder._metrics.queue import instrument_queue
 
 
 def scrape(registry: CollectorRegistry) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

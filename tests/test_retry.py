@@ -9,7 +9,7 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from shedder._retry import IDEMPOTENT_METHODS, RetryPolicy, backoff_delay, parse_retry_after
+from shedder._client.retry import IDEMPOTENT_METHODS, RetryPolicy, backoff_delay, parse_retry_after
 
 NOW = 1_700_000_000.0  # a fixed "now", seconds since the epoch
 CAP = 120.0

@@ -16,7 +16,7 @@ import pytest
 
 import shedder
 from shedder import Overloaded, Throttler, ThrottlerListener
-from shedder._http import HTTPResponse
+from shedder._web.http import HTTPResponse
 from shedder.wsgi import LoadSheddingMiddleware
 
 Environ = dict[str, Any]

@@ -14,10 +14,18 @@ The backpressure toolkit needs no web app: bounded queues (:class:`BlockingQueue
 :class:`AdaptiveBatchSizer`.
 """
 
-from ._batching import AdaptiveBatchSizer
-from ._errors import Overloaded, ShedReason
-from ._pipeline import Pipeline, PipelineRun
-from ._queues import (
+from ._core.errors import Overloaded, ShedReason
+from ._core.throttler import (
+    SHED_REASONS,
+    Permit,
+    Throttler,
+    ThrottlerListener,
+    ThrottlerStats,
+    throttlers,
+)
+from ._toolkit.batching import AdaptiveBatchSizer
+from ._toolkit.pipeline import Pipeline, PipelineRun
+from ._toolkit.queues import (
     BlockingQueue,
     DroppingQueue,
     DropPolicy,
@@ -26,8 +34,8 @@ from ._queues import (
     QueuePolicy,
     QueueStats,
 )
-from ._sampler import AdaptiveSampler, SupportsLoad
-from ._streams import (
+from ._toolkit.sampler import AdaptiveSampler, SupportsLoad
+from ._toolkit.streams import (
     UNBOUNDED,
     IterablePublisher,
     Publisher,
@@ -35,14 +43,6 @@ from ._streams import (
     Subscriber,
     Subscription,
     iterate,
-)
-from ._throttler import (
-    SHED_REASONS,
-    Permit,
-    Throttler,
-    ThrottlerListener,
-    ThrottlerStats,
-    throttlers,
 )
 from ._version import __version__
 

@@ -25,9 +25,9 @@ import socket
 import threading
 from collections.abc import Sequence
 
-from ._http import instance_stats
-from ._instance import InstanceTable, instance_table
-from ._throttler import Throttler, ThrottlerStats
+from ._core.throttler import Throttler, ThrottlerStats
+from ._web.http import instance_stats
+from ._web.instance import InstanceTable, instance_table
 
 __all__ = ["Agent", "agent_reply", "start_agent"]
 

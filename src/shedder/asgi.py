@@ -12,9 +12,9 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._adapter import adapter_settings
-from ._errors import Overloaded
-from ._http import (
+from ._core.errors import Overloaded
+from ._core.throttler import Permit, Throttler, ThrottlerOptions
+from ._web.http import (
     DEFAULT_HEALTH_PATH,
     DEFAULT_LIVE_PATH,
     HTTPResponse,
@@ -24,7 +24,7 @@ from ._http import (
     method_not_allowed_response,
     shed_response,
 )
-from ._throttler import Permit, Throttler, ThrottlerOptions
+from ._web.settings import adapter_settings
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack

@@ -14,8 +14,8 @@ import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
-from ._budget import AdaptiveThrottle, ClientThrottled, RetryBudget
-from ._retry import (
+from ._client.budget import AdaptiveThrottle, ClientThrottled, RetryBudget
+from ._client.retry import (
     IDEMPOTENT_METHODS,
     RETRYABLE_STATUSES,
     Failed,

@@ -18,9 +18,9 @@ try:
 except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError('shedder.flask needs Flask: pip install "loadshedder[flask]"') from None
 
-from ._adapter import check_status_code
-from ._errors import Overloaded
-from ._http import (
+from ._core.errors import Overloaded
+from ._core.throttler import Permit, Throttler, throttlers
+from ._web.http import (
     DEFAULT_HEALTH_PATH,
     HTTPResponse,
     ShedResponder,
@@ -28,7 +28,7 @@ from ._http import (
     health_response,
     shed_response,
 )
-from ._throttler import Permit, Throttler, throttlers
+from ._web.settings import check_status_code
 from .wsgi import _Reclaimer
 
 __all__ = ["HealthEndpoint", "ViewDecorator", "health_view", "shed_load"]

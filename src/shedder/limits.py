@@ -5,6 +5,6 @@ with every completed request's latency and every queue timeout. See the README s
 "Zero-config limits" for how the algorithms compare on the overload benchmark.
 """
 
-from ._limits import AIMDLimit, FixedLimit, Gradient2Limit, Limit, VegasLimit
+from ._core.limits import AIMDLimit, FixedLimit, Gradient2Limit, Limit, VegasLimit
 
 __all__ = ["AIMDLimit", "FixedLimit", "Gradient2Limit", "Limit", "VegasLimit"]

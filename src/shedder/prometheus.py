@@ -26,9 +26,9 @@ from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from ._errors import ShedReason
-from ._http import HTTPResponse
-from ._throttler import SHED_REASONS, Throttler, ThrottlerListener
+from ._core.errors import ShedReason
+from ._core.throttler import SHED_REASONS, Throttler, ThrottlerListener
+from ._web.http import HTTPResponse
 
 __all__ = [
     "DEFAULT_BUCKETS",
@@ -54,7 +54,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
         'shedder.prometheus needs prometheus_client: pip install "loadshedder[prometheus]"'
     ) from None
 
-from ._prometheus_queue import instrument_queue  # imported after the check above, for its hint
+from ._metrics.queue import instrument_queue  # imported after the check above, for its hint
 
 DEFAULT_BUCKETS: tuple[float, ...] = (
     0.001,

@@ -15,10 +15,16 @@ import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
-from ._adapter import check_status_code
-from ._errors import Overloaded
-from ._http import DEFAULT_HEALTH_PATH, HTTPResponse, ShedResponder, health_response, shed_response
-from ._throttler import Permit, Throttler, throttlers
+from ._core.errors import Overloaded
+from ._core.throttler import Permit, Throttler, throttlers
+from ._web.http import (
+    DEFAULT_HEALTH_PATH,
+    HTTPResponse,
+    ShedResponder,
+    health_response,
+    shed_response,
+)
+from ._web.settings import check_status_code
 
 try:
     from starlette.concurrency import run_in_threadpool

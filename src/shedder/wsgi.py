@@ -12,9 +12,9 @@ import queue
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
-from ._adapter import adapter_settings
-from ._errors import Overloaded
-from ._http import (
+from ._core.errors import Overloaded
+from ._core.throttler import Permit, Throttler, ThrottlerOptions
+from ._web.http import (
     DEFAULT_HEALTH_PATH,
     DEFAULT_LIVE_PATH,
     HTTPResponse,
@@ -25,7 +25,7 @@ from ._http import (
     path_matches,
     shed_response,
 )
-from ._throttler import Permit, Throttler, ThrottlerOptions
+from ._web.settings import adapter_settings
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment

@@ -17,27 +17,18 @@ from __future__ import annotations
 import math
 import random
 
+from .checks import check_fraction, check_int, check_seconds
+
 __all__ = ["AIMDLimit", "FixedLimit", "Gradient2Limit", "Limit", "VegasLimit"]
 
 
 def _check_limits(initial: int, min_limit: int, max_limit: int) -> None:
     for name, value in (("initial", initial), ("min_limit", min_limit), ("max_limit", max_limit)):
-        if not isinstance(value, int) or isinstance(value, bool):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-        if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+        check_int(name, value, 1)
     if max_limit < min_limit:
         raise ValueError(f"max_limit must be >= min_limit ({min_limit}), got {max_limit}")
     if not min_limit <= initial <= max_limit:
         raise ValueError(f"initial must be in [{min_limit}, {max_limit}], got {initial}")
-
-
-def _check_fraction(name: str, value: float, low: float, high: float) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not low <= value <= high:
-        raise ValueError(f"{name} must be in [{low}, {high}], got {value}")
-    return float(value)
 
 
 def _log10_root(limit: float) -> int:
@@ -126,12 +117,12 @@ class AIMDLimit(Limit):
     ) -> None:
         _check_limits(initial, min_limit, max_limit)
         self.min_limit, self.max_limit = min_limit, max_limit
-        if not isinstance(backoff_ratio, (int, float)) or not 0.5 <= backoff_ratio < 1.0:
+        self.backoff_ratio = check_fraction("backoff_ratio", backoff_ratio, 0.5, 1.0)
+        if self.backoff_ratio == 1.0:
             raise ValueError(f"backoff_ratio must be in [0.5, 1.0), got {backoff_ratio!r}")
-        self.backoff_ratio = float(backoff_ratio)
-        if not isinstance(timeout, (int, float)) or not timeout > 0:
+        self.timeout = check_seconds("timeout", timeout)
+        if self.timeout == 0:
             raise ValueError(f"timeout must be > 0 seconds, got {timeout!r}")
-        self.timeout = float(timeout)
         super().__init__(initial)
 
     def _adjust(self, rtt: float, in_flight: int, dropped: bool) -> int:
@@ -171,10 +162,9 @@ class VegasLimit(Limit):
     ) -> None:
         _check_limits(initial, min_limit, max_limit)
         self.min_limit, self.max_limit = min_limit, max_limit
-        self.smoothing = _check_fraction("smoothing", smoothing, 0.0, 1.0)
-        for name, value in (("probe_interval", probe_interval), ("probe_limit", probe_limit)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        self.smoothing = check_fraction("smoothing", smoothing, 0.0, 1.0)
+        check_int("probe_interval", probe_interval, 1)
+        check_int("probe_limit", probe_limit, 1)
         self.probe_interval = probe_interval
         self.probe_limit = probe_limit
         self._rng = rng or random.Random()
@@ -262,12 +252,9 @@ class Gradient2Limit(Limit):
     ) -> None:
         _check_limits(initial, min_limit, max_limit)
         self.min_limit, self.max_limit = min_limit, max_limit
-        self.smoothing = _check_fraction("smoothing", smoothing, 0.0, 1.0)
-        if not isinstance(queue_size, int) or queue_size < 0:
-            raise ValueError(f"queue_size must be an int >= 0, got {queue_size!r}")
-        self.queue_size = queue_size
-        if not isinstance(long_window, int) or long_window < 1:
-            raise ValueError(f"long_window must be an int >= 1, got {long_window!r}")
+        self.smoothing = check_fraction("smoothing", smoothing, 0.0, 1.0)
+        self.queue_size = check_int("queue_size", queue_size, 0)
+        check_int("long_window", long_window, 1)
         self._factor = 2.0 / (long_window + 1)
         self._warmup = 10
         self._samples = 0

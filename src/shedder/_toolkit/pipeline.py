@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
-from ._queues import BlockingQueue
-from ._throttler import _check_int
+from shedder._core.checks import check_int
+
+from .queues import BlockingQueue
 
 __all__ = ["Pipeline", "PipelineRun"]
 
@@ -199,7 +200,7 @@ class Pipeline(Generic[T]):
         _stages: tuple[_Stage, ...] = (),
     ) -> None:
         self._source: Iterable[Any] | AsyncIterable[Any] = source
-        self._buffer = _check_int("buffer", buffer, 1)
+        self._buffer = check_int("buffer", buffer, 1)
         self._stages = _stages
 
     @overload
@@ -244,9 +245,9 @@ class Pipeline(Generic[T]):
             raise TypeError(f"stage must be an async function, got {type(stage).__name__}")
         spec = _Stage(
             stage,
-            _check_int("concurrency", concurrency, 1),
+            check_int("concurrency", concurrency, 1),
             bool(ordered),
-            self._buffer if buffer is None else _check_int("buffer", buffer, 1),
+            self._buffer if buffer is None else check_int("buffer", buffer, 1),
         )
         return Pipeline(self._source, buffer=self._buffer, _stages=(*self._stages, spec))
 

@@ -8,7 +8,8 @@ import threading
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from ._throttler import Throttler
+from shedder._core.checks import check_fraction
+from shedder._core.throttler import Throttler
 
 __all__ = ["AdaptiveSampler", "SupportsLoad"]
 
@@ -22,14 +23,6 @@ class SupportsLoad(Protocol):
 
 
 LoadSource = Throttler | SupportsLoad | Callable[[], float]
-
-
-def _check_fraction(name: str, value: object) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number, got {type(value).__name__} {value!r}")
-    if math.isnan(value) or not 0.0 <= value <= 1.0:
-        raise ValueError(f"{name} must be in [0, 1], got {value}")
-    return float(value)
 
 
 class AdaptiveSampler:
@@ -59,11 +52,11 @@ class AdaptiveSampler:
         follow: LoadSource | None = None,
         rng: random.Random | None = None,
     ) -> None:
-        self.base_rate = _check_fraction("base_rate", base_rate)
-        self.min_rate = _check_fraction("min_rate", min_rate)
+        self.base_rate = check_fraction("base_rate", base_rate)
+        self.min_rate = check_fraction("min_rate", min_rate)
         if self.min_rate > self.base_rate:
             raise ValueError(f"min_rate must be <= base_rate ({base_rate}), got {min_rate}")
-        self.threshold = _check_fraction("threshold", threshold)
+        self.threshold = check_fraction("threshold", threshold)
         if self.threshold == 1.0:
             raise ValueError("threshold must be < 1, got 1.0")
         self._read_load: Callable[[], float] | None

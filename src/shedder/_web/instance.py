@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import MappingProxyType
 
-from ._throttler import SHED_REASONS, Throttler, ThrottlerListener, ThrottlerStats
+from shedder._core.throttler import SHED_REASONS, Throttler, ThrottlerListener, ThrottlerStats
 
 __all__ = ["INSTANCE_DIR_ENV", "InstanceTable", "instance_table"]
 

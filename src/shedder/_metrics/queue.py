@@ -12,7 +12,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any, TypeVar
 
-from ._queues import MonitoredQueue
+from shedder._toolkit.queues import MonitoredQueue
 
 try:
     from prometheus_client import REGISTRY, CollectorRegistry

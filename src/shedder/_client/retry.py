@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from typing import Generic, Protocol, TypeVar
 
-from ._budget import AdaptiveThrottle, ClientThrottled, RetryBudget
+from .budget import AdaptiveThrottle, ClientThrottled, RetryBudget
 
 __all__ = [
     "IDEMPOTENT_METHODS",

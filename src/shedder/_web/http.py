@@ -12,11 +12,11 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING
 
-from ._errors import Overloaded
-from ._throttler import Throttler, ThrottlerStats
+from shedder._core.errors import Overloaded
+from shedder._core.throttler import Throttler, ThrottlerStats
 
 if TYPE_CHECKING:
-    from ._instance import InstanceTable
+    from .instance import InstanceTable
 
 __all__ = [
     "DEFAULT_HEALTH_PATH",

@@ -22,7 +22,7 @@ from queue import Full
 from types import TracebackType
 from typing import Any, Generic, Literal, Protocol, TypeVar
 
-from ._queues import BlockingQueue
+from .queues import BlockingQueue
 
 __all__ = [
     "UNBOUNDED",

@@ -24,8 +24,8 @@ from queue import Empty, Full
 from time import monotonic
 from typing import Generic, Literal, TypeVar
 
-from ._throttler import _check_int, _check_seconds
-from ._waiters import _AsyncWaiter, _resolve, _ThreadWaiter
+from shedder._core.checks import check_int, check_seconds
+from shedder._core.waiters import _AsyncWaiter, _resolve, _ThreadWaiter
 
 __all__ = [
     "BlockingQueue",
@@ -111,7 +111,7 @@ class _QueueCore(Generic[T]):
         policy: QueuePolicy,
         rng: random.Random | None,
     ) -> None:
-        self._capacity = _check_int("capacity", capacity, 1)
+        self._capacity = check_int("capacity", capacity, 1)
         if policy not in _POLICIES:
             raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
         self._policy = policy
@@ -385,7 +385,7 @@ class _QueueCore(Generic[T]):
 
 
 def _check_timeout(timeout: float | None) -> float | None:
-    return None if timeout is None else _check_seconds("timeout", timeout)
+    return None if timeout is None else check_seconds("timeout", timeout)
 
 
 def _new_async_waiter() -> _AsyncWaiter:
@@ -500,7 +500,7 @@ class MonitoredQueue(_QueueCore[T]):
         self._bounds = bounds if bounds and bounds[-1] == math.inf else (*bounds, math.inf)
         self._bucket_counts = [0] * len(self._bounds)
         self._wait_sum = 0.0
-        window = _check_seconds("throughput_window", throughput_window)
+        window = check_seconds("throughput_window", throughput_window)
         if window == 0 or window == math.inf:
             raise ValueError(f"throughput_window must be > 0 and finite, got {window}")
         self._window = window

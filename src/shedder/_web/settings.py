@@ -7,9 +7,10 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from ._http import HTTPResponse, ShedResponder, normalize_path_rules
-from ._instance import InstanceTable, instance_table
-from ._throttler import Throttler
+from shedder._core.throttler import Throttler
+
+from .http import HTTPResponse, ShedResponder, normalize_path_rules
+from .instance import InstanceTable, instance_table
 
 __all__ = ["AdapterSettings", "adapter_settings", "check_status_code"]
 
@@ -85,7 +86,7 @@ def adapter_settings(
     metrics: Callable[[Any, str | None], HTTPResponse] | None = None
     if metrics_path is not None:
         # Import now so a missing extra fails at start-up, not on the first scrape.
-        from .prometheus import metrics_response as metrics
+        from shedder.prometheus import metrics_response as metrics
 
     exact, prefixes = normalize_path_rules(exempt)
     return AdapterSettings(

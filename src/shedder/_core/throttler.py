@@ -21,9 +21,10 @@ from time import monotonic
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, TypedDict
 
-from ._errors import Overloaded, ShedReason
-from ._limits import Limit
-from ._waiters import _GRANTED, _AsyncWaiter, _resolve, _ThreadWaiter
+from .checks import check_int, check_seconds
+from .errors import Overloaded, ShedReason
+from .limits import Limit
+from .waiters import _GRANTED, _AsyncWaiter, _resolve, _ThreadWaiter
 
 __all__ = [
     "SHED_REASONS",
@@ -161,22 +162,6 @@ class Permit:
 _Waiter = _ThreadWaiter | _AsyncWaiter
 
 
-def _check_int(name: str, value: object, minimum: int) -> int:
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
-def _check_seconds(name: str, value: object) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool):
-        raise TypeError(f"{name} must be a number of seconds, got {type(value).__name__} {value!r}")
-    if math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be >= 0 seconds, got {value}")
-    return float(value)
-
-
 QueueDiscipline = Literal["fifo", "lifo", "codel"]
 _DISCIPLINES: tuple[QueueDiscipline, ...] = ("fifo", "lifo", "codel")
 
@@ -254,14 +239,14 @@ class Throttler:
         self._limit: Limit | None
         if isinstance(max_concurrency, Limit):
             self._limit = max_concurrency
-            self._max_concurrency = _check_int("max_concurrency", max_concurrency.limit, 1)
+            self._max_concurrency = check_int("max_concurrency", max_concurrency.limit, 1)
         else:
             self._limit = None
-            self._max_concurrency = _check_int("max_concurrency", max_concurrency, 1)
+            self._max_concurrency = check_int("max_concurrency", max_concurrency, 1)
         self._max_queue = (
-            self._max_concurrency if max_queue is None else _check_int("max_queue", max_queue, 0)
+            self._max_concurrency if max_queue is None else check_int("max_queue", max_queue, 0)
         )
-        self._queue_timeout = _check_seconds("queue_timeout", queue_timeout)
+        self._queue_timeout = check_seconds("queue_timeout", queue_timeout)
         if not isinstance(shed_threshold, (int, float)) or isinstance(shed_threshold, bool):
             raise TypeError(f"shed_threshold must be a number, got {shed_threshold!r}")
         if not 0.0 < shed_threshold <= 1.0:
@@ -276,7 +261,7 @@ class Throttler:
                 f"retry_after_range must be a (low, high) pair of ints, got {retry_after_range!r}"
             )
         low, high = retry_after_range
-        _check_int("retry_after_range low", low, 1)
+        check_int("retry_after_range low", low, 1)
         if high < low:
             raise ValueError(f"retry_after_range high must be >= low ({low}), got {high}")
         self._retry_after_range = (low, high)
@@ -284,13 +269,13 @@ class Throttler:
         if retry_after == "auto":
             self._retry_after_fixed = None
         else:
-            self._retry_after_fixed = _check_int("retry_after", retry_after, 1)
+            self._retry_after_fixed = check_int("retry_after", retry_after, 1)
         if queue_discipline not in _DISCIPLINES:
             choices = ", ".join(_DISCIPLINES)
             raise ValueError(f"queue_discipline must be one of {choices}, got {queue_discipline!r}")
         self._discipline = queue_discipline
-        self._codel_target = _check_seconds("codel_target", codel_target)
-        self._codel_interval = _check_seconds("codel_interval", codel_interval)
+        self._codel_target = check_seconds("codel_target", codel_target)
+        self._codel_interval = check_seconds("codel_interval", codel_interval)
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.name = name
@@ -390,7 +375,7 @@ class Throttler:
         ``timeout`` overrides ``queue_timeout`` for this call. Raises :class:`Overloaded` when
         refused. Release the returned permit exactly once (``with`` does it for you).
         """
-        wait_for = self._queue_timeout if timeout is None else _check_seconds("timeout", timeout)
+        wait_for = self._queue_timeout if timeout is None else check_seconds("timeout", timeout)
         now = self._clock()
         with self._lock:
             if self._in_flight < self._max_concurrency and not self._waiters:
@@ -424,7 +409,7 @@ class Throttler:
         Cancelling the awaiting task removes it from the queue at once; a slot that was handed to
         it at the same instant passes to the next waiter.
         """
-        wait_for = self._queue_timeout if timeout is None else _check_seconds("timeout", timeout)
+        wait_for = self._queue_timeout if timeout is None else check_seconds("timeout", timeout)
         now = self._clock()
         with self._lock:
             if self._in_flight < self._max_concurrency and not self._waiters:

@@ -8,7 +8,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from time import monotonic
 
-from ._throttler import _check_int, _check_seconds
+from shedder._core.checks import check_int, check_seconds
 
 __all__ = ["AdaptiveBatchSizer"]
 
@@ -47,12 +47,12 @@ class AdaptiveBatchSizer:
         smoothing: float = 0.3,
         clock: Callable[[], float] = monotonic,
     ) -> None:
-        self.budget = _check_seconds("budget", budget)
+        self.budget = check_seconds("budget", budget)
         if self.budget == 0 or self.budget == math.inf:
             raise ValueError(f"budget must be > 0 and finite, got {budget}")
-        self.min_size = _check_int("min_size", min_size, 1)
-        self.max_size = _check_int("max_size", max_size, min_size)
-        start = min_size if initial is None else _check_int("initial", initial, min_size)
+        self.min_size = check_int("min_size", min_size, 1)
+        self.max_size = check_int("max_size", max_size, min_size)
+        start = min_size if initial is None else check_int("initial", initial, min_size)
         if start > max_size:
             raise ValueError(f"initial must be <= max_size ({max_size}), got {start}")
         if not 0 < target <= 1:
@@ -84,8 +84,8 @@ class AdaptiveBatchSizer:
 
         Empty batches carry no information and leave the size alone.
         """
-        _check_int("size", size, 0)
-        _check_seconds("elapsed", elapsed)
+        check_int("size", size, 0)
+        check_seconds("elapsed", elapsed)
         with self._lock:
             if size == 0:
                 return self._size

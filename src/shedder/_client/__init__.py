@@ -1,0 +1,1 @@
+"""The client's retry loop, retry budget and adaptive throttle (no server code)."""

@@ -1,0 +1,1 @@
+"""The framework-free core: throttler, limits, waiters, errors, checks."""

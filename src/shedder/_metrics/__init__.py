@@ -1,0 +1,1 @@
+"""Prometheus collectors beyond the throttler's (toolkit queues)."""

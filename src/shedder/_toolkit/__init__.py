@@ -1,0 +1,1 @@
+"""The backpressure toolkit: queues, streams, pipeline, sampler, batching."""
