@@ -78,7 +78,7 @@ def test_lifo_eviction_wakes_a_waiting_thread() -> None:
     queued = threading.Event()
 
     class OnQueue(ThrottlerListener):
-        def on_queue(self, throttler: Throttler) -> None:
+        def on_queue(self, throttler: Throttler, priority: str) -> None:
             queued.set()
 
     throttler.add_listener(OnQueue())
@@ -175,7 +175,7 @@ async def test_codel_tells_listeners_whom_it_refused_and_how_long_they_waited() 
     sheds: list[tuple[str, float]] = []
 
     class Recorder(ThrottlerListener):
-        def on_shed(self, throttler: Throttler, reason: str, waited: float) -> None:
+        def on_shed(self, throttler: Throttler, reason: str, waited: float, priority: str) -> None:
             sheds.append((reason, waited))
 
     throttler = codel_throttler(now, max_queue=4, codel_target=0.01)

@@ -71,7 +71,7 @@ class QueueWatch(ThrottlerListener):
         self.queued = 0
         self.changed = threading.Condition()
 
-    def on_queue(self, throttler: Throttler) -> None:
+    def on_queue(self, throttler: Throttler, priority: str) -> None:
         with self.changed:
             self.queued += 1
             self.changed.notify_all()

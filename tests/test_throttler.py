@@ -10,7 +10,7 @@ import time
 import pytest
 
 import shedder
-from shedder import Overloaded, Throttler, ThrottlerListener
+from shedder import SHED_REASONS, Overloaded, Throttler, ThrottlerListener
 
 
 def test_free_slot_runs_at_once() -> None:
@@ -55,7 +55,7 @@ def test_below_threshold_arrival_waits_then_gets_handed_slot() -> None:
     queued = threading.Event()
 
     class OnQueue(ThrottlerListener):
-        def on_queue(self, throttler: Throttler) -> None:
+        def on_queue(self, throttler: Throttler, priority: str) -> None:
             queued.set()
 
     throttler.add_listener(OnQueue())
@@ -108,7 +108,7 @@ def test_fifo_handoff_no_barging() -> None:
     queued = threading.Semaphore(0)
 
     class OnQueue(ThrottlerListener):
-        def on_queue(self, throttler: Throttler) -> None:
+        def on_queue(self, throttler: Throttler, priority: str) -> None:
             queued.release()
 
     throttler.add_listener(OnQueue())
@@ -175,7 +175,24 @@ def test_stats_snapshot_is_immutable_and_json_ready() -> None:
         "shed_threshold": 1.0,
         "admitted_total": 1,
         "cancelled_total": 0,
-        "shed_total": {"overloaded": 0, "queue_full": 0, "queue_timeout": 0},
+        "shed_total": dict.fromkeys(SHED_REASONS, 0),
+        "priorities": {
+            "critical": {
+                "queued": 0,
+                "admitted_total": 0,
+                "shed_total": dict.fromkeys(SHED_REASONS, 0),
+            },
+            "default": {
+                "queued": 0,
+                "admitted_total": 1,
+                "shed_total": dict.fromkeys(SHED_REASONS, 0),
+            },
+            "sheddable": {
+                "queued": 0,
+                "admitted_total": 0,
+                "shed_total": dict.fromkeys(SHED_REASONS, 0),
+            },
+        },
     }
 
 
@@ -248,12 +265,12 @@ def test_overloaded_exception_shape() -> None:
     exc = Overloaded("queue_full", 3)
     assert (exc.reason, exc.retry_after) == ("queue_full", 3)
     assert "queue_full" in str(exc)
-    assert repr(exc) == "Overloaded(reason='queue_full', retry_after=3)"
+    assert repr(exc) == "Overloaded(reason='queue_full', retry_after=3, priority='default')"
 
 
 def test_listener_errors_never_lose_a_slot(caplog: pytest.LogCaptureFixture) -> None:
     class Broken(ThrottlerListener):
-        def on_admit(self, throttler: Throttler, waited: float) -> None:
+        def on_admit(self, throttler: Throttler, waited: float, priority: str) -> None:
             raise RuntimeError("boom")
 
         def on_release(self, throttler: Throttler, held: float) -> None:
@@ -271,13 +288,13 @@ def test_listener_sees_every_event() -> None:
     events: list[tuple[str, object]] = []
 
     class Recorder(ThrottlerListener):
-        def on_queue(self, throttler: Throttler) -> None:
+        def on_queue(self, throttler: Throttler, priority: str) -> None:
             events.append(("queue", None))
 
-        def on_admit(self, throttler: Throttler, waited: float) -> None:
+        def on_admit(self, throttler: Throttler, waited: float, priority: str) -> None:
             events.append(("admit", waited > 0))
 
-        def on_shed(self, throttler: Throttler, reason: str, waited: float) -> None:
+        def on_shed(self, throttler: Throttler, reason: str, waited: float, priority: str) -> None:
             events.append(("shed", reason))
 
         def on_release(self, throttler: Throttler, held: float) -> None:

@@ -37,17 +37,17 @@ class Observer(ThrottlerListener):
     cancelled: int = 0
     longest_wait: float = 0.0
 
-    def on_queue(self, throttler: Throttler) -> None:
+    def on_queue(self, throttler: Throttler, priority: str) -> None:
         with self.lock:
             self.peak_queued = max(self.peak_queued, throttler.queued)
 
-    def on_admit(self, throttler: Throttler, waited: float) -> None:
+    def on_admit(self, throttler: Throttler, waited: float, priority: str) -> None:
         with self.lock:
             self.admitted += 1
             self.longest_wait = max(self.longest_wait, waited)
             self.peak_in_flight = max(self.peak_in_flight, throttler.in_flight)
 
-    def on_shed(self, throttler: Throttler, reason: str, waited: float) -> None:
+    def on_shed(self, throttler: Throttler, reason: str, waited: float, priority: str) -> None:
         with self.lock:
             self.shed += 1
             self.longest_wait = max(self.longest_wait, waited)

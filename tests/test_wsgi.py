@@ -161,7 +161,7 @@ def test_waiter_gets_slot_when_holder_closes() -> None:
     queued = threading.Event()
 
     class OnQueue(ThrottlerListener):
-        def on_queue(self, throttler: Throttler) -> None:
+        def on_queue(self, throttler: Throttler, priority: str) -> None:
             queued.set()
 
     throttler.add_listener(OnQueue())

@@ -160,7 +160,7 @@ class _CollectorListener(ThrottlerListener):
         self._observe_wait = wait.observe
         self._observe_hold = hold.observe
 
-    def on_admit(self, throttler: Throttler, waited: float) -> None:
+    def on_admit(self, throttler: Throttler, waited: float, priority: str) -> None:
         self._observe_wait(waited)
 
     def on_release(self, throttler: Throttler, held: float) -> None:
@@ -323,10 +323,10 @@ class _ObjectsListener(ThrottlerListener):
         self.queued.set(stats.queued)
         self.pid = os.getpid()
 
-    def on_queue(self, throttler: Throttler) -> None:
+    def on_queue(self, throttler: Throttler, priority: str) -> None:
         self.queued.inc()
 
-    def on_admit(self, throttler: Throttler, waited: float) -> None:
+    def on_admit(self, throttler: Throttler, waited: float, priority: str) -> None:
         if self.pid != os.getpid():
             # A forked worker (gunicorn --preload): its files start empty, publish its limits.
             self.publish(throttler)
@@ -337,8 +337,10 @@ class _ObjectsListener(ThrottlerListener):
         self.admitted.inc()
         self.wait.observe(waited)
 
-    def on_shed(self, throttler: Throttler, reason: ShedReason, waited: float) -> None:
-        if reason == "queue_timeout":
+    def on_shed(
+        self, throttler: Throttler, reason: ShedReason, waited: float, priority: str
+    ) -> None:
+        if waited > 0.0:  # a waiter refused (timed out, evicted), not an arrival
             self.queued.dec()
         self.shed[reason].inc()
 

@@ -6,7 +6,7 @@ from typing import Literal
 
 __all__ = ["Overloaded", "ShedReason"]
 
-ShedReason = Literal["overloaded", "queue_full", "queue_timeout"]
+ShedReason = Literal["overloaded", "queue_full", "queue_timeout", "deadline_exceeded"]
 """Why a request was refused: see the admission rules in the README."""
 
 
@@ -15,19 +15,25 @@ class Overloaded(Exception):
 
     ``reason`` is one of ``"overloaded"`` (the house is fuller than ``shed_threshold``),
     ``"queue_full"`` (no room to wait) or ``"queue_timeout"`` (no slot came within
-    ``queue_timeout``). ``retry_after`` is the whole number of seconds (>= 1) after which the
-    client should try again; adapters send it as the ``Retry-After`` header.
+    ``queue_timeout``), or ``"deadline_exceeded"`` (the request's own deadline passed, or
+    would have, before a slot came). ``retry_after`` is the whole number of seconds (>= 1)
+    after which the client should try again; adapters send it as the ``Retry-After`` header.
+    ``priority`` is the class the request was refused in.
     """
 
-    __slots__ = ("reason", "retry_after")
+    __slots__ = ("priority", "reason", "retry_after")
 
-    def __init__(self, reason: ShedReason, retry_after: int) -> None:
+    def __init__(self, reason: ShedReason, retry_after: int, priority: str = "default") -> None:
         super().__init__(reason, retry_after)
         self.reason: ShedReason = reason
         self.retry_after: int = retry_after
+        self.priority: str = priority
 
     def __str__(self) -> str:
         return f"request shed ({self.reason}); retry after {self.retry_after} s"
 
     def __repr__(self) -> str:
-        return f"Overloaded(reason={self.reason!r}, retry_after={self.retry_after})"
+        return (
+            f"Overloaded(reason={self.reason!r}, retry_after={self.retry_after},"
+            f" priority={self.priority!r})"
+        )

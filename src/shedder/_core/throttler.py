@@ -1,8 +1,14 @@
-"""The throttler: bounded concurrency, a bounded FIFO wait queue and a shed decision.
+"""The throttler: bounded concurrency, a bounded wait queue and a shed decision.
 
 One instance serves threads and asyncio tasks at once. All state lives behind one
 ``threading.Lock`` whose critical sections are a few attribute updates long; nobody ever
 blocks or awaits while holding it.
+
+Admission is one synchronous step (:meth:`Throttler.admit`): under the lock it admits, refuses
+or queues the arrival, and only an arrival that really has to wait allocates a waiter. Who waits
+and who is refused first is decided by priority classes (a lower class is refused first and
+served last), flows (served in turn inside a class) and the queue discipline (a strategy object
+consulted under the lock).
 """
 
 from __future__ import annotations
@@ -13,32 +19,51 @@ import logging
 import math
 import threading
 import weakref
-from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from time import monotonic
 from types import MappingProxyType, TracebackType
 from typing import Any, Literal, TypedDict
 
-from .checks import check_int, check_seconds
+from .checks import check_fraction, check_int, check_number, check_seconds
+from .disciplines import Discipline, discipline_named
 from .errors import Overloaded, ShedReason
 from .limits import Limit
 from .waiters import _GRANTED, _AsyncWaiter, _resolve, _ThreadWaiter
+from .waitqueue import WaiterQueue
 
 __all__ = [
+    "DEFAULT_PRIORITIES",
     "SHED_REASONS",
+    "Outcome",
     "Permit",
     "Throttler",
     "ThrottlerListener",
     "ThrottlerOptions",
     "ThrottlerStats",
+    "Waiting",
     "throttlers",
 ]
 
 logger = logging.getLogger("shedder")
 
-SHED_REASONS: tuple[ShedReason, ...] = ("overloaded", "queue_full", "queue_timeout")
+SHED_REASONS: tuple[ShedReason, ...] = (
+    "overloaded",
+    "queue_full",
+    "queue_timeout",
+    "deadline_exceeded",
+)
+
+DEFAULT_PRIORITIES: tuple[str, ...] = ("critical", "default", "sheddable")
+"""The priority classes of a throttler unless told otherwise, highest first."""
+
+Outcome = Literal["success", "ignore", "dropped"]
+"""How a permit's work ended, for the limit algorithm: ``"success"`` (a real service time),
+``"ignore"`` (a fast failure that says nothing of latency: do not learn from it) or
+``"dropped"`` (failed for congestion, such as a backend timeout: the limit should shrink)."""
+
+_OUTCOMES = frozenset(("success", "ignore", "dropped"))
 
 # Permits taken by ``with throttler:`` / ``async with throttler:``, innermost last. A tuple, never
 # mutated in place: asyncio tasks copy their parent's context, and a shared mutable stack would
@@ -59,17 +84,19 @@ class ThrottlerListener:
 
     Methods are called outside the throttler's lock, on the thread or task that caused the
     event. An exception raised by a listener is logged and swallowed: observing must never
-    break admission or lose a slot. Times are in seconds.
+    break admission or lose a slot. Times are in seconds; ``priority`` is the request's class.
     """
 
-    def on_queue(self, throttler: Throttler) -> None:
+    def on_queue(self, throttler: Throttler, priority: str) -> None:
         """An arrival found no free slot and started waiting."""
 
-    def on_admit(self, throttler: Throttler, waited: float) -> None:
+    def on_admit(self, throttler: Throttler, waited: float, priority: str) -> None:
         """A request got a slot; ``waited`` is 0.0 on the fast path."""
 
-    def on_shed(self, throttler: Throttler, reason: ShedReason, waited: float) -> None:
-        """A request was refused; ``waited`` > 0 only for ``queue_timeout``."""
+    def on_shed(
+        self, throttler: Throttler, reason: ShedReason, waited: float, priority: str
+    ) -> None:
+        """A request was refused; ``waited`` > 0 only for a refused waiter."""
 
     def on_cancel(self, throttler: Throttler, waited: float) -> None:
         """A waiter gave up (task cancelled, interrupted) before it was admitted."""
@@ -80,7 +107,11 @@ class ThrottlerListener:
 
 @dataclass(frozen=True, slots=True)
 class ThrottlerStats:
-    """An immutable snapshot of a throttler's state and counters."""
+    """An immutable snapshot of a throttler's state and counters.
+
+    The ``*_by_priority`` mappings break the figures down by priority class (every class of
+    the throttler, highest first); the totals are over all classes.
+    """
 
     name: str
     in_flight: int
@@ -91,6 +122,9 @@ class ThrottlerStats:
     admitted_total: int
     cancelled_total: int
     shed_total: Mapping[ShedReason, int] = field(default_factory=dict)
+    queued_by_priority: Mapping[str, int] = field(default_factory=dict)
+    admitted_by_priority: Mapping[str, int] = field(default_factory=dict)
+    shed_by_priority: Mapping[str, Mapping[ShedReason, int]] = field(default_factory=dict)
 
     @property
     def load(self) -> float:
@@ -104,7 +138,7 @@ class ThrottlerStats:
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as plain JSON-ready values (the ``/health/load`` body)."""
-        return {
+        payload: dict[str, Any] = {
             "name": self.name,
             "status": "overloaded" if self.overloaded else "ok",
             "in_flight": self.in_flight,
@@ -117,31 +151,62 @@ class ThrottlerStats:
             "cancelled_total": self.cancelled_total,
             "shed_total": dict(self.shed_total),
         }
+        if self.shed_by_priority:
+            payload["priorities"] = {
+                name: {
+                    "queued": self.queued_by_priority.get(name, 0),
+                    "admitted_total": self.admitted_by_priority.get(name, 0),
+                    "shed_total": dict(shed),
+                }
+                for name, shed in self.shed_by_priority.items()
+            }
+        return payload
 
 
 class Permit:
     """A slot held in a throttler; give it back with :meth:`release` (idempotent).
 
-    Also a context manager: ``with throttler.acquire(): ...``.
+    Also a context manager: ``with throttler.acquire(): ...`` (released as ``"success"``).
     """
 
-    __slots__ = ("_released", "_throttler", "acquired_at", "waited")
+    __slots__ = ("_released", "_throttler", "acquired_at", "deadline", "priority", "waited")
 
-    def __init__(self, throttler: Throttler, acquired_at: float, waited: float) -> None:
+    def __init__(
+        self,
+        throttler: Throttler,
+        acquired_at: float,
+        waited: float,
+        priority: str,
+        deadline: float | None,
+    ) -> None:
         self._throttler = throttler
         self._released = False
         self.acquired_at = acquired_at
-        """``time.monotonic()`` when the slot was granted."""
+        """The throttler's clock (``time.monotonic()``) when the slot was granted."""
         self.waited = waited
         """Seconds spent in the queue before the slot was granted (0.0 on the fast path)."""
+        self.priority = priority
+        """The priority class the slot was granted in."""
+        self.deadline = deadline
+        """The request's deadline on the throttler's clock, or None."""
 
     @property
     def released(self) -> bool:
         return self._released
 
-    def release(self) -> bool:
-        """Give the slot back (to the next waiter, if any). Returns False if already released."""
-        return self._throttler._release(self)
+    def remaining(self) -> float | None:
+        """Seconds left until the deadline (negative once passed), or None without one."""
+        if self.deadline is None:
+            return None
+        return self.deadline - self._throttler._clock()
+
+    def release(self, outcome: Outcome = "success") -> bool:
+        """Give the slot back (to the next waiter, if any). Returns False if already released.
+
+        ``outcome`` tells a limit algorithm how the work ended (see :data:`Outcome`): pass
+        ``"ignore"`` for a fast failure so that it is not learnt as healthy latency.
+        """
+        return self._throttler._release(self, outcome)
 
     def __enter__(self) -> Permit:
         return self
@@ -156,14 +221,78 @@ class Permit:
 
     def __repr__(self) -> str:
         state = "released" if self._released else "held"
-        return f"<Permit {state} of {self._throttler.name!r}>"
+        return f"<Permit {state} of {self._throttler.name!r} ({self.priority})>"
 
 
 _Waiter = _ThreadWaiter | _AsyncWaiter
 
 
-QueueDiscipline = Literal["fifo", "lifo", "codel"]
-_DISCIPLINES: tuple[QueueDiscipline, ...] = ("fifo", "lifo", "codel")
+class Waiting:
+    """An arrival that :meth:`Throttler.admit` queued: wait on it once, or :meth:`cancel` it.
+
+    The time since admission counts against its wait limit, whichever thread waits: a server
+    may queue a request on one thread and wait for its slot on another.
+    """
+
+    __slots__ = ("_expires", "_reason", "_started", "_throttler", "_waiter", "priority")
+
+    def __init__(
+        self,
+        throttler: Throttler,
+        waiter: _Waiter,
+        started: float,
+        wait_for: float,
+        reason: ShedReason,
+        priority: str,
+    ) -> None:
+        self._throttler = throttler
+        self._waiter = waiter
+        self._started = started  # on the throttler's clock
+        # Real time, for the wait itself (the throttler's clock may be simulated).
+        self._expires = monotonic() + wait_for
+        self._reason = reason  # what a timeout is called: queue_timeout or deadline_exceeded
+        self.priority = priority
+
+    def wait(self) -> Permit:
+        """Block this thread until granted; :class:`Overloaded` when refused or timed out."""
+        waiter = self._waiter
+        if not isinstance(waiter, _ThreadWaiter):
+            raise TypeError("this Waiting was admitted for a task: await wait_async()")
+        left = self._expires - monotonic()
+        try:
+            if left > threading.TIMEOUT_MAX:
+                waiter.lock.acquire()
+            else:
+                waiter.lock.acquire(True, max(left, 0.0))
+        except BaseException:
+            self._throttler._abandon(waiter, self._started)
+            raise
+        return self._throttler._after_wait(self)
+
+    async def wait_async(self) -> Permit:
+        """Await the slot; cancelling the task leaves the queue (a late grant passes on)."""
+        waiter = self._waiter
+        if not isinstance(waiter, _AsyncWaiter):
+            raise TypeError("this Waiting was admitted for a thread: call wait()")
+        left = self._expires - monotonic()
+        expiry = (
+            waiter.loop.call_later(max(left, 0.0), _resolve, waiter.future)
+            if left != math.inf
+            else None
+        )
+        try:
+            await waiter.future
+        except BaseException:
+            self._throttler._abandon(waiter, self._started)
+            raise
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+        return self._throttler._after_wait(self)
+
+    def cancel(self) -> None:
+        """Give up waiting (the client left): leave the queue, passing on any grant."""
+        self._throttler._abandon(self._waiter, self._started)
 
 
 class ThrottlerOptions(TypedDict, total=False):
@@ -178,9 +307,13 @@ class ThrottlerOptions(TypedDict, total=False):
     shed_threshold: float
     retry_after: int | Literal["auto"]
     retry_after_range: tuple[int, int]
-    queue_discipline: QueueDiscipline
+    queue_discipline: str | Discipline
     codel_target: float
     codel_interval: float
+    priorities: Sequence[str]
+    default_priority: str
+    shed_thresholds: Mapping[str, float]
+    flow_queue_limit: int | None
     name: str
     clock: Callable[[], float]
 
@@ -195,28 +328,38 @@ class Throttler:
         queue_timeout: longest wait for a slot, in seconds (>= 0; ``math.inf`` for no limit).
         shed_threshold: refuse at once, with reason ``"overloaded"``, an arrival that would have
             to wait while ``load >= shed_threshold`` (0 < t <= 1; 1.0 sheds only on a full queue
-            or a timeout).
+            or a timeout). This is the default class's threshold; see ``shed_thresholds``.
         retry_after: seconds a refused client should wait (int >= 1), or ``"auto"`` to estimate
             the time the current backlog takes to drain from the observed service time, clamped
             to ``retry_after_range``.
         retry_after_range: ``(low, high)`` bounds in whole seconds for ``"auto"``.
-        queue_discipline: ``"fifo"`` (default): first come, first served, a full queue refuses
-            the arrival. ``"lifo"``: newest first, a full queue refuses its oldest waiter.
+        queue_discipline: how waiters are served, a name or a :class:`shedder.Discipline`:
+            ``"fifo"`` (default): first come, first served, a full queue refuses the arrival.
+            ``"lifo"``: newest first, a full queue refuses its oldest waiter.
             ``"codel"``: FIFO while the queue keeps emptying; once it has not been empty for
             ``codel_interval`` seconds it is standing: waiters that already waited
             ``codel_target`` seconds are refused (``queue_timeout``), new ones may wait only
-            ``codel_target`` and are served newest first, so a standing queue cannot form. It
-            stands until arrivals have found a free slot for a whole ``codel_interval``.
+            ``codel_target`` and are served newest first (see :class:`shedder.CoDel`).
         codel_target: seconds; the wait allowed while a standing queue is detected.
-        codel_interval: seconds the queue must stay non-empty to count as standing (and
-            without congestion to stop counting as standing).
+        codel_interval: seconds the queue must stay non-empty to count as standing.
+        priorities: the priority classes, highest first (default: critical, default,
+            sheddable). Waiters of a higher class are served first; a full queue refuses the
+            newest waiter of the lowest class to make room for a higher-class arrival; and each
+            class has its own shed point (``shed_thresholds``).
+        default_priority: the class of a request that names none (default ``"default"``).
+        shed_thresholds: per-class ``shed_threshold``. Unnamed classes at or above the
+            default class use ``shed_threshold``; each class below it is refused earlier, at
+            ``shed_threshold * (1 - 0.25 * k / m)`` for the k-th of m lower classes (0.75 for
+            ``"sheddable"``: it may queue only while the house is under three quarters full).
+        flow_queue_limit: most waiters one flow (tenant, API key, client) may have queued in a
+            class; default: half of ``max_queue`` (at least 1). Flows are served in turn.
         name: label for metrics and health reports.
         clock: monotonic clock in seconds (for simulations; waiting always uses real time).
 
     Raises ``TypeError``/``ValueError`` naming the parameter for a bad configuration.
     Refusals raise :class:`shedder.Overloaded`.
 
-    Invariant, under ``_lock``: ``bool(_waiters)`` implies ``_in_flight >= limit``: a freed slot
+    Invariant, under ``_lock``: ``bool(_queue)`` implies ``_in_flight >= limit``: a freed slot
     goes straight to a waiter, so nobody waits while a slot is free. A slot granted to a waiter
     is counted in ``_in_flight`` from the moment of the grant.
     """
@@ -230,9 +373,13 @@ class Throttler:
         retry_after: int | Literal["auto"] = 1,
         *,
         retry_after_range: tuple[int, int] = (1, 60),
-        queue_discipline: QueueDiscipline = "fifo",
+        queue_discipline: str | Discipline = "fifo",
         codel_target: float = 0.005,
         codel_interval: float = 0.1,
+        priorities: Sequence[str] = DEFAULT_PRIORITIES,
+        default_priority: str = "default",
+        shed_thresholds: Mapping[str, float] | None = None,
+        flow_queue_limit: int | None = None,
         name: str = "default",
         clock: Callable[[], float] = monotonic,
     ) -> None:
@@ -247,11 +394,9 @@ class Throttler:
             self._max_concurrency if max_queue is None else check_int("max_queue", max_queue, 0)
         )
         self._queue_timeout = check_seconds("queue_timeout", queue_timeout)
-        if not isinstance(shed_threshold, (int, float)) or isinstance(shed_threshold, bool):
-            raise TypeError(f"shed_threshold must be a number, got {shed_threshold!r}")
-        if not 0.0 < shed_threshold <= 1.0:
+        self._shed_threshold = check_fraction("shed_threshold", shed_threshold)
+        if self._shed_threshold == 0.0:
             raise ValueError(f"shed_threshold must be in (0, 1], got {shed_threshold}")
-        self._shed_threshold = float(shed_threshold)
         if (
             not isinstance(retry_after_range, tuple)
             or len(retry_after_range) != 2
@@ -261,37 +406,48 @@ class Throttler:
                 f"retry_after_range must be a (low, high) pair of ints, got {retry_after_range!r}"
             )
         low, high = retry_after_range
-        check_int("retry_after_range low", low, 1)
-        if high < low:
+        check_int("retry_after_range low", low, 1, _MAX_RETRY_AFTER)
+        if isinstance(high, int) and high < low:
             raise ValueError(f"retry_after_range high must be >= low ({low}), got {high}")
+        check_int("retry_after_range high", high, low, _MAX_RETRY_AFTER)
         self._retry_after_range = (low, high)
         self._retry_after_fixed: int | None
         if retry_after == "auto":
             self._retry_after_fixed = None
         else:
-            self._retry_after_fixed = check_int("retry_after", retry_after, 1)
-        if queue_discipline not in _DISCIPLINES:
-            choices = ", ".join(_DISCIPLINES)
-            raise ValueError(f"queue_discipline must be one of {choices}, got {queue_discipline!r}")
-        self._discipline = queue_discipline
-        self._codel_target = check_seconds("codel_target", codel_target)
-        self._codel_interval = check_seconds("codel_interval", codel_interval)
+            self._retry_after_fixed = check_int("retry_after", retry_after, 1, _MAX_RETRY_AFTER)
+        self._discipline = discipline_named(
+            queue_discipline,
+            check_seconds("codel_target", codel_target),
+            check_seconds("codel_interval", codel_interval),
+        )
+        self._priorities, self._ranks, self._default_rank = _check_priorities(
+            priorities, default_priority
+        )
+        self._thresholds = _class_thresholds(
+            self._priorities, self._default_rank, self._shed_threshold, shed_thresholds
+        )
+        self._flow_queue_limit = (
+            max(1, (self._max_queue + 1) // 2)
+            if flow_queue_limit is None
+            else check_int("flow_queue_limit", flow_queue_limit, 1)
+        )
         if not isinstance(name, str) or not name:
             raise ValueError(f"name must be a non-empty string, got {name!r}")
         self.name = name
+        if not callable(clock):
+            raise TypeError(f"clock must be callable, got {clock!r}")
         self._clock = clock
 
         self._lock = threading.Lock()
         self._in_flight = 0
-        # Waiters in arrival order, each with the clock time it queued at.
-        self._waiters: OrderedDict[_Waiter, float] = OrderedDict()
-        self._queue_busy_since = 0.0  # when the queue last went from empty to non-empty
-        # CoDel: a standing queue was detected, and when an arrival last found no free slot.
-        self._standing = False
-        self._last_congested = 0.0
-        self._admitted = 0
+        self._queue = WaiterQueue(len(self._priorities))
+        classes = len(self._priorities)
+        self._admitted = [0] * classes
         self._cancelled = 0
-        self._shed: dict[ShedReason, int] = dict.fromkeys(SHED_REASONS, 0)
+        self._shed: list[dict[ShedReason, int]] = [
+            dict.fromkeys(SHED_REASONS, 0) for _ in range(classes)
+        ]
         self._mean_hold = 0.0  # EWMA of slot hold times, seconds; feeds retry_after="auto"
         self._listeners: tuple[ThrottlerListener, ...] = ()
         _registry[next(_registry_ids)] = self
@@ -321,8 +477,26 @@ class Throttler:
         return self._shed_threshold
 
     @property
-    def queue_discipline(self) -> QueueDiscipline:
+    def queue_discipline(self) -> str:
+        """The discipline's name (``"fifo"``, ``"lifo"``, ``"codel"``, or a custom one's)."""
+        return self._discipline.name
+
+    @property
+    def discipline(self) -> Discipline:
         return self._discipline
+
+    @property
+    def priorities(self) -> tuple[str, ...]:
+        """The priority classes, highest first."""
+        return self._priorities
+
+    @property
+    def default_priority(self) -> str:
+        return self._priorities[self._default_rank]
+
+    def shed_threshold_of(self, priority: str) -> float:
+        """The load at which arrivals of class ``priority`` that would wait are refused."""
+        return self._thresholds[self._rank(priority)]
 
     def add_listener(self, listener: ThrottlerListener) -> None:
         """Subscribe ``listener`` to this throttler's events (metrics, logging, tracing)."""
@@ -344,212 +518,272 @@ class Throttler:
 
     @property
     def queued(self) -> int:
-        return len(self._waiters)
+        return len(self._queue)
 
     def stats(self) -> ThrottlerStats:
         """A consistent, immutable snapshot of the state and counters."""
         with self._lock:
+            shed_total: dict[ShedReason, int] = dict.fromkeys(SHED_REASONS, 0)
+            for counts in self._shed:
+                for reason, count in counts.items():
+                    shed_total[reason] += count
+            names = self._priorities
             return ThrottlerStats(
                 name=self.name,
                 in_flight=self._in_flight,
-                queued=len(self._waiters),
+                queued=len(self._queue),
                 max_concurrency=self._max_concurrency,
                 max_queue=self._max_queue,
                 shed_threshold=self._shed_threshold,
-                admitted_total=self._admitted,
+                admitted_total=sum(self._admitted),
                 cancelled_total=self._cancelled,
-                shed_total=MappingProxyType(dict(self._shed)),
+                shed_total=MappingProxyType(shed_total),
+                queued_by_priority=MappingProxyType(
+                    {name: self._queue.count(rank) for rank, name in enumerate(names)}
+                ),
+                admitted_by_priority=MappingProxyType(
+                    dict(zip(names, self._admitted, strict=True))
+                ),
+                shed_by_priority=MappingProxyType(
+                    {
+                        name: MappingProxyType(dict(c))
+                        for name, c in zip(names, self._shed, strict=True)
+                    }
+                ),
             )
 
     def __repr__(self) -> str:
         return (
             f"<Throttler {self.name!r} in_flight={self._in_flight}/{self._max_concurrency}"
-            f" queued={len(self._waiters)}/{self._max_queue}>"
+            f" queued={len(self._queue)}/{self._max_queue}>"
         )
 
-    # -- acquiring -----------------------------------------------------------------------------
+    # -- admission -----------------------------------------------------------------------------
 
-    def acquire(self, timeout: float | None = None) -> Permit:
-        """Take a slot, blocking this thread in the queue if needed.
+    def _rank(self, priority: str) -> int:
+        rank = self._ranks.get(priority)
+        if rank is None:
+            choices = ", ".join(self._priorities)
+            raise ValueError(f"priority must be one of {choices}, got {priority!r}")
+        return rank
 
-        ``timeout`` overrides ``queue_timeout`` for this call. Raises :class:`Overloaded` when
-        refused. Release the returned permit exactly once (``with`` does it for you).
+    def admit(
+        self,
+        *,
+        priority: str | None = None,
+        flow: Hashable = None,
+        deadline: float | None = None,
+        timeout: float | None = None,
+        waiter: Literal["thread", "async"] = "thread",
+    ) -> Permit | Overloaded | Waiting:
+        """Decide at once: a :class:`Permit` (admitted), an :class:`Overloaded` (refused, not
+        raised) or a :class:`Waiting` (queued: call its ``wait()`` or ``wait_async()``).
+
+        The building block of :meth:`acquire` and of servers that queue a request on one
+        thread and wait on another. ``priority`` is a class name (default class if None),
+        ``flow`` any hashable key (None: no flow), ``deadline`` the latest useful start on the
+        throttler's clock (an arrival past it is refused with ``"deadline_exceeded"``; one that
+        would wait past it waits only until then), ``timeout`` overrides ``queue_timeout``.
+        ``waiter`` says who will wait: a thread, or a task of the running event loop.
         """
         wait_for = self._queue_timeout if timeout is None else check_seconds("timeout", timeout)
+        rank = self._default_rank if priority is None else self._rank(priority)
+        now = self._clock()
+        evicted: list[tuple[Overloaded, float]] = []
+        with self._lock:
+            if deadline is not None and deadline <= now:
+                self._shed[rank]["deadline_exceeded"] += 1
+                refusal: Overloaded | None = Overloaded(
+                    "deadline_exceeded", self._retry_after_locked(), self._priorities[rank]
+                )
+            elif self._in_flight < self._max_concurrency and not self._queue:
+                self._in_flight += 1
+                self._admitted[rank] += 1
+                permit = Permit(self, now, 0.0, self._priorities[rank], deadline)
+                if not self._listeners:
+                    return permit
+                refusal = None
+            else:
+                permit = None
+                refusal, wait_for = self._admission_locked(now, wait_for, rank, flow, evicted)
+                if refusal is None:
+                    timeout_reason: ShedReason = "queue_timeout"
+                    if deadline is not None and deadline - now < wait_for:
+                        wait_for = deadline - now
+                        timeout_reason = "deadline_exceeded"
+                    queued: _Waiter = (
+                        _ThreadWaiter()
+                        if waiter == "thread"
+                        else _AsyncWaiter(asyncio.get_running_loop())
+                    )
+                    self._queue.push(queued, rank, flow, now)
+        # Listeners hear of it outside the lock (they may read stats()).
+        name = self._priorities[rank]
+        if evicted and self._listeners:
+            for victim, since in evicted:
+                self._notify_shed(victim, now - since)
+        if refusal is not None:
+            self._notify_shed(refusal, 0.0)
+            return refusal
+        if permit is not None:
+            self._notify("on_admit", 0.0, name)
+            return permit
+        if self._listeners:
+            self._notify("on_queue", name)
+        return Waiting(self, queued, now, wait_for, timeout_reason, name)
+
+    def try_acquire(
+        self, *, priority: str | None = None, flow: Hashable = None, deadline: float | None = None
+    ) -> Permit | None:
+        """A slot if one is free now and nobody waits for it, else None; never waits.
+
+        A None is not counted as a refusal: this is a primitive for callers that have their own
+        fallback, like ``threading.Semaphore.acquire(blocking=False)``.
+        """
+        rank = self._default_rank if priority is None else self._rank(priority)
         now = self._clock()
         with self._lock:
-            if self._in_flight < self._max_concurrency and not self._waiters:
-                self._in_flight += 1
-                self._admitted += 1
-                if not self._listeners:
-                    return Permit(self, now, 0.0)
-                refusal = waiter = None
-                evicted: list[tuple[Overloaded, float]] = []
-            else:
-                waiter = None
-                refusal, evicted, wait_for = self._admission_locked(now, wait_for)
-                if refusal is None:
-                    waiter = _ThreadWaiter()
-                    self._waiters[waiter] = now
-        if evicted and self._listeners:
-            self._notify_evicted(evicted, now)
-        if waiter is None:
-            return self._admitted_at_once(refusal, now)
-        self._queued()
-        try:
-            waiter.lock.acquire(True, -1 if wait_for > threading.TIMEOUT_MAX else wait_for)
-        except BaseException:
-            self._abandon(waiter, now)
-            raise
-        return self._after_wait(waiter, now)
+            if (deadline is not None and deadline <= now) or not (
+                self._in_flight < self._max_concurrency and not self._queue
+            ):
+                return None
+            self._in_flight += 1
+            self._admitted[rank] += 1
+        permit = Permit(self, now, 0.0, self._priorities[rank], deadline)
+        if self._listeners:
+            self._notify("on_admit", 0.0, permit.priority)
+        return permit
 
-    async def acquire_async(self, timeout: float | None = None) -> Permit:
+    def acquire(
+        self,
+        timeout: float | None = None,
+        *,
+        priority: str | None = None,
+        flow: Hashable = None,
+        deadline: float | None = None,
+    ) -> Permit:
+        """Take a slot, blocking this thread in the queue if needed.
+
+        ``timeout`` overrides ``queue_timeout`` for this call; ``priority``, ``flow`` and
+        ``deadline`` as in :meth:`admit`. Raises :class:`Overloaded` when refused. Release the
+        returned permit exactly once (``with`` does it for you).
+        """
+        decision = self.admit(
+            priority=priority, flow=flow, deadline=deadline, timeout=timeout, waiter="thread"
+        )
+        if type(decision) is Permit:
+            return decision
+        if isinstance(decision, Overloaded):
+            raise decision
+        assert isinstance(decision, Waiting)
+        return decision.wait()
+
+    async def acquire_async(
+        self,
+        timeout: float | None = None,
+        *,
+        priority: str | None = None,
+        flow: Hashable = None,
+        deadline: float | None = None,
+    ) -> Permit:
         """Take a slot, awaiting in the queue if needed; same rules as :meth:`acquire`.
 
         Cancelling the awaiting task removes it from the queue at once; a slot that was handed to
         it at the same instant passes to the next waiter.
         """
-        wait_for = self._queue_timeout if timeout is None else check_seconds("timeout", timeout)
-        now = self._clock()
-        with self._lock:
-            if self._in_flight < self._max_concurrency and not self._waiters:
-                self._in_flight += 1
-                self._admitted += 1
-                if not self._listeners:
-                    return Permit(self, now, 0.0)
-                refusal = waiter = None
-                evicted: list[tuple[Overloaded, float]] = []
-            else:
-                waiter = None
-                refusal, evicted, wait_for = self._admission_locked(now, wait_for)
-                if refusal is None:
-                    waiter = _AsyncWaiter(asyncio.get_running_loop())
-                    self._waiters[waiter] = now
-        if evicted and self._listeners:
-            self._notify_evicted(evicted, now)
-        if waiter is None:
-            return self._admitted_at_once(refusal, now)
-        self._queued()
-        expiry = (
-            waiter.loop.call_later(wait_for, _resolve, waiter.future)
-            if wait_for != math.inf
-            else None
+        decision = self.admit(
+            priority=priority, flow=flow, deadline=deadline, timeout=timeout, waiter="async"
         )
-        try:
-            await waiter.future
-        except BaseException:
-            self._abandon(waiter, now)
-            raise
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-        return self._after_wait(waiter, now)
+        if type(decision) is Permit:
+            return decision
+        if isinstance(decision, Overloaded):
+            raise decision
+        assert isinstance(decision, Waiting)
+        return await decision.wait_async()
 
     def _admission_locked(
-        self, now: float, wait_for: float
-    ) -> tuple[Overloaded | None, list[tuple[Overloaded, float]], float]:
+        self,
+        now: float,
+        wait_for: float,
+        rank: int,
+        flow: Hashable,
+        evicted: list[tuple[Overloaded, float]],
+    ) -> tuple[Overloaded | None, float]:
         """No free slot: decide between refusing the arrival and letting it wait.
 
-        Returns the arrival's refusal (or None: it may queue), the refusals (and waits) of older
-        waiters shed to make room for it or for having waited too long (LIFO, or CoDel with a
-        standing queue), and how long it may wait. The caller enqueues the arrival.
+        Returns the arrival's refusal (or None: it may queue) and how long it may wait; appends
+        to ``evicted`` the refusals (and queueing times) of waiters shed to make room for it or
+        for having waited too long. The caller enqueues the arrival.
         """
-        waiters = self._waiters
-        evicted: list[tuple[Overloaded, float]] = []
-        lifo = self._discipline == "lifo"
-        if self._discipline == "codel":
-            if self._standing and now - self._last_congested >= self._codel_interval:
-                self._standing = False  # a whole interval with a free slot for every arrival
-            self._last_congested = now
-            if not waiters and not self._standing:
-                self._queue_busy_since = now
-            elif now - self._queue_busy_since >= self._codel_interval:
-                # Standing until arrivals find free slots for an interval again, not merely
-                # until the short waits below empty the queue: else it flips back to long FIFO
-                # waits many times a second under overload.
-                self._standing = True
-            if self._standing:
-                # Short waits, newest first; whoever already waited the target is refused now
-                # rather than at its own (long) queue_timeout.
-                wait_for = min(wait_for, self._codel_target)
-                lifo = True
-                self._shed_stale_locked(now, evicted)
-        elif not waiters:
-            self._queue_busy_since = now
-        queued = len(waiters)
+        queue = self._queue
+        discipline = self._discipline
+
+        def refuse_stale(waiter: Any) -> None:
+            self._evict_locked(waiter, "queue_timeout", evicted)
+
+        wait_for = discipline.on_congestion(queue, now, wait_for, refuse_stale)
         reason: ShedReason
-        if queued >= self._max_queue:
-            if not (lifo and waiters):
+        if flow is not None and queue.flow_count(rank, flow) >= self._flow_queue_limit:
+            reason = "queue_full"  # this flow's share of the room is full
+        elif len(queue) >= self._max_queue:
+            lowest = queue.lowest_rank()
+            victim = None
+            if lowest > rank:
+                victim = queue.newest(lowest)  # a lower class makes room for a higher one
+            elif lowest == rank and discipline.evict_oldest:
+                victim = queue.oldest(rank)
+            if victim is None:
                 reason = "queue_full"
             else:
-                oldest, since = waiters.popitem(last=False)
-                self._shed["queue_full"] += 1
-                if oldest.wake("queue_full"):  # else its loop is gone: nobody to tell
-                    evicted.append((Overloaded("queue_full", self._retry_after_locked()), since))
-                return None, evicted, wait_for
-        elif (self._in_flight + queued) / (
+                self._evict_locked(victim, "queue_full", evicted)
+                return None, wait_for
+        elif (self._in_flight + len(queue)) / (
             self._max_concurrency + self._max_queue
-        ) >= self._shed_threshold:
+        ) >= self._thresholds[rank]:
             reason = "overloaded"
         else:
-            return None, evicted, wait_for
-        self._shed[reason] += 1
-        return Overloaded(reason, self._retry_after_locked()), evicted, wait_for
+            return None, wait_for
+        self._shed[rank][reason] += 1
+        return Overloaded(reason, self._retry_after_locked(), self._priorities[rank]), wait_for
 
-    def _shed_stale_locked(self, now: float, evicted: list[tuple[Overloaded, float]]) -> None:
-        """Refuse, oldest first, the waiters that have waited ``codel_target`` or longer."""
-        waiters = self._waiters
-        while waiters:
-            oldest, since = next(iter(waiters.items()))
-            if now - since < self._codel_target:
-                return  # arrival order: everyone behind it waited less
-            del waiters[oldest]
-            self._shed["queue_timeout"] += 1
-            if oldest.wake("queue_timeout"):
-                evicted.append((Overloaded("queue_timeout", self._retry_after_locked()), since))
+    def _evict_locked(
+        self, waiter: Any, reason: ShedReason, evicted: list[tuple[Overloaded, float]]
+    ) -> None:
+        """Refuse a queued waiter now (to make room, or for having waited too long)."""
+        self._queue.remove(waiter)
+        self._shed[waiter.rank][reason] += 1
+        if waiter.wake(reason):  # else its loop is gone: nobody to tell
+            refusal = Overloaded(reason, self._retry_after_locked(), self._priorities[waiter.rank])
+            evicted.append((refusal, waiter.since))
 
-    def _admitted_at_once(self, refusal: Overloaded | None, now: float) -> Permit:
-        """Finish an arrival that did not queue: tell the listeners, then admit or refuse."""
-        if refusal is not None:
-            self._notify_shed(refusal, 0.0)
-            raise refusal
-        self._notify("on_admit", 0.0)
-        return Permit(self, now, 0.0)
-
-    def _notify_evicted(self, evicted: list[tuple[Overloaded, float]], now: float) -> None:
-        """Tell the listeners whom an arrival pushed out of the queue, with their waits."""
-        for refusal, since in evicted:
-            self._notify_shed(refusal, now - since)
-
-    def _queued(self) -> None:
-        """Tell the listeners an arrival queued."""
-        if self._listeners:
-            self._notify("on_queue")
-
-    def _after_wait(self, waiter: _Waiter, started: float) -> Permit:
+    def _after_wait(self, waiting: Waiting) -> Permit:
         """The waiter woke (granted, refused or timed out); settle which under the lock."""
+        waiter = waiting._waiter
         now = self._clock()
-        waited = now - started
+        waited = now - waiting._started
+        rank = waiter.rank
         with self._lock:
             outcome = waiter.outcome
             if outcome == _GRANTED:
-                self._admitted += 1
-                permit = Permit(self, now, waited)
+                self._admitted[rank] += 1
+                permit = Permit(self, now, waited, self._priorities[rank], None)
             elif outcome is None:
                 # Timed out. Still queued: grants and evictions remove the waiter first.
-                del self._waiters[waiter]
-                self._shed["queue_timeout"] += 1
-                refusal = Overloaded("queue_timeout", self._retry_after_locked())
+                self._queue.remove(waiter)
+                reason = waiting._reason
+                self._shed[rank][reason] += 1
+                refusal = Overloaded(reason, self._retry_after_locked(), self._priorities[rank])
                 # Not fed to the limit as a drop: a queue timeout says more arrive than the
                 # service takes, not that the service is congested, and shrinking the limit
                 # for it cuts throughput while the load stays the same (a death spiral).
             else:
                 # Evicted by a newer arrival, which counted it and told the listeners.
-                raise Overloaded(outcome, self._retry_after_locked())
+                raise Overloaded(outcome, self._retry_after_locked(), self._priorities[rank])
         if outcome is None:
             self._notify_shed(refusal, waited)
             raise refusal
-        self._notify("on_admit", waited)
+        if self._listeners:
+            self._notify("on_admit", waited, permit.priority)
         return permit
 
     def _abandon(self, waiter: _Waiter, started: float) -> None:
@@ -561,7 +795,9 @@ class Throttler:
                 self._fill_slots_locked()
             elif outcome is None:
                 # Normally still queued; a waiter skipped because its loop closed is not.
-                self._waiters.pop(waiter, None)
+                # Settle it so that a second abandon (or a late wake) finds it done.
+                self._queue.remove(waiter)
+                waiter.outcome = "queue_timeout"
             else:
                 return  # refused first: that refusal is its outcome
             self._cancelled += 1
@@ -569,35 +805,34 @@ class Throttler:
 
     # -- releasing -----------------------------------------------------------------------------
 
-    def _release(self, permit: Permit) -> bool:
+    def _release(self, permit: Permit, outcome: Outcome) -> bool:
+        if outcome not in _OUTCOMES:
+            raise ValueError(f"outcome must be success, ignore or dropped, got {outcome!r}")
         now = self._clock()
         with self._lock:
             if permit._released:
                 return False
             permit._released = True
             held = now - permit.acquired_at
-            self._mean_hold += 0.1 * (held - self._mean_hold) if self._mean_hold else held
             self._in_flight -= 1
-            if self._limit is not None:
-                self._relimit_locked(self._limit.update(held, self._in_flight + 1, False))
-            if self._waiters:
+            if outcome == "success":
+                self._mean_hold += 0.1 * (held - self._mean_hold) if self._mean_hold else held
+            if self._limit is not None and outcome != "ignore":
+                limit = self._limit.update(held, self._in_flight + 1, outcome == "dropped")
+                if limit != self._max_concurrency:
+                    self._max_concurrency = max(1, limit)
+            if self._queue:
                 self._fill_slots_locked()
             listeners = self._listeners
         if listeners:
             self._notify("on_release", held)
         return True
 
-    def _relimit_locked(self, limit: int) -> None:
-        if limit != self._max_concurrency:
-            self._max_concurrency = max(1, limit)
-            self._fill_slots_locked()
-
     def _fill_slots_locked(self) -> None:
-        """Hand free slots to waiters (oldest first, or newest first when serving LIFO)."""
-        waiters = self._waiters
-        while waiters and self._in_flight < self._max_concurrency:
-            newest_first = self._discipline == "lifo" or self._standing
-            waiter, _ = waiters.popitem(last=newest_first)
+        """Hand free slots to waiters: highest class first, flows in turn, per the discipline."""
+        queue = self._queue
+        while queue and self._in_flight < self._max_concurrency:
+            waiter: Any = queue.pop_next(self._discipline.newest_first)
             if waiter.wake(_GRANTED):
                 self._in_flight += 1
 
@@ -605,7 +840,7 @@ class Throttler:
         if self._retry_after_fixed is not None:
             return self._retry_after_fixed
         low, high = self._retry_after_range
-        backlog = self._in_flight + len(self._waiters) + 1
+        backlog = self._in_flight + len(self._queue) + 1
         drain = backlog * self._mean_hold / self._max_concurrency
         return min(max(math.ceil(drain), low), high)
 
@@ -655,4 +890,58 @@ class Throttler:
 
     def _notify_shed(self, refusal: Overloaded, waited: float) -> None:
         if self._listeners:
-            self._notify("on_shed", refusal.reason, waited)
+            self._notify("on_shed", refusal.reason, waited, refusal.priority)
+
+
+# Retry-After is sent as an integer header: keep it a number every client can parse and act on
+# (a day), rather than accept a value that overflows on the way out.
+_MAX_RETRY_AFTER = 86_400
+
+
+def _check_priorities(
+    priorities: object, default_priority: object
+) -> tuple[tuple[str, ...], dict[str, int], int]:
+    if isinstance(priorities, str) or not isinstance(priorities, Sequence):
+        raise TypeError(f"priorities must be a sequence of class names, got {priorities!r}")
+    names = tuple(priorities)
+    if not names:
+        raise ValueError("priorities must name at least one class")
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"priorities must be non-empty strings, got {name!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"priorities must be distinct, got {names!r}")
+    if default_priority not in names:
+        raise ValueError(
+            f"default_priority must be one of the priorities ({', '.join(names)}),"
+            f" got {default_priority!r}"
+        )
+    ranks = {name: rank for rank, name in enumerate(names)}
+    return names, ranks, names.index(default_priority)
+
+
+def _class_thresholds(
+    names: tuple[str, ...],
+    default_rank: int,
+    shed_threshold: float,
+    given: Mapping[str, float] | None,
+) -> tuple[float, ...]:
+    lower = len(names) - 1 - default_rank
+    thresholds = [
+        shed_threshold
+        if rank <= default_rank
+        else shed_threshold * (1 - 0.25 * (rank - default_rank) / lower)
+        for rank in range(len(names))
+    ]
+    if given is not None:
+        if not isinstance(given, Mapping):
+            raise TypeError(f"shed_thresholds must be a mapping of class to load, got {given!r}")
+        for name, value in given.items():
+            if name not in names:
+                choices = ", ".join(names)
+                raise ValueError(f"shed_thresholds names an unknown class {name!r} ({choices})")
+            threshold = check_number(f"shed_thresholds[{name!r}]", value, 0.0, 1.0)
+            if threshold == 0.0:
+                raise ValueError(f"shed_thresholds[{name!r}] must be in (0, 1], got {value}")
+            thresholds[names.index(name)] = threshold
+    return tuple(thresholds)

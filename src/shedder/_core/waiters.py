@@ -9,21 +9,28 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Hashable
 from typing import Final, Literal
 
 __all__ = ["_GRANTED", "_AsyncWaiter", "_Outcome", "_ThreadWaiter", "_resolve"]
 
 _GRANTED: Final = "granted"
-_Outcome = Literal["granted", "overloaded", "queue_full", "queue_timeout"] | None
+_Outcome = (
+    Literal["granted", "overloaded", "queue_full", "queue_timeout", "deadline_exceeded"] | None
+)
 
 
 class _ThreadWaiter:
     """A waiting thread: blocks on a lock that the deciding thread releases."""
 
-    __slots__ = ("lock", "outcome")
+    __slots__ = ("flow", "lock", "outcome", "rank", "since")
 
     def __init__(self) -> None:
         self.outcome: _Outcome = None
+        # Where it stands in a WaiterQueue (set when queued there).
+        self.rank = 0
+        self.flow: Hashable = None
+        self.since = 0.0
         self.lock = threading.Lock()
         self.lock.acquire()
 
@@ -45,10 +52,13 @@ class _ThreadWaiter:
 class _AsyncWaiter:
     """A waiting task: awaits a future of its own loop, resolved from whichever thread decides."""
 
-    __slots__ = ("future", "loop", "outcome", "thread_id")
+    __slots__ = ("flow", "future", "loop", "outcome", "rank", "since", "thread_id")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.outcome: _Outcome = None
+        self.rank = 0
+        self.flow: Hashable = None
+        self.since = 0.0
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
         self.thread_id = threading.get_ident()

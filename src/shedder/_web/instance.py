@@ -194,13 +194,13 @@ class _Publisher(ThrottlerListener):
             self._seq += 1  # even: done
             struct.pack_into("<Q", self._view, 0, self._seq)
 
-    def on_queue(self, throttler: Throttler) -> None:
+    def on_queue(self, throttler: Throttler, priority: str) -> None:
         self._write(throttler)
 
-    def on_admit(self, throttler: Throttler, waited: float) -> None:
+    def on_admit(self, throttler: Throttler, waited: float, priority: str) -> None:
         self._write(throttler)
 
-    def on_shed(self, throttler: Throttler, reason: str, waited: float) -> None:
+    def on_shed(self, throttler: Throttler, reason: str, waited: float, priority: str) -> None:
         self._write(throttler)
 
     def on_cancel(self, throttler: Throttler, waited: float) -> None:
