@@ -787,7 +787,10 @@ class Throttler:
         return permit
 
     def _abandon(self, waiter: _Waiter, started: float) -> None:
-        """The waiter gave up (cancelled, interrupted); leave the queue, passing on any grant."""
+        """The waiter gave up (cancelled, interrupted); leave the queue, passing on any grant.
+
+        Idempotent: the waiter is marked ``"cancelled"``, so a second call does nothing.
+        """
         with self._lock:
             outcome = waiter.outcome
             if outcome == _GRANTED:
@@ -795,11 +798,10 @@ class Throttler:
                 self._fill_slots_locked()
             elif outcome is None:
                 # Normally still queued; a waiter skipped because its loop closed is not.
-                # Settle it so that a second abandon (or a late wake) finds it done.
                 self._queue.remove(waiter)
-                waiter.outcome = "queue_timeout"
             else:
-                return  # refused first: that refusal is its outcome
+                return  # refused first (that refusal is its outcome), or already abandoned
+            waiter.outcome = "cancelled"
             self._cancelled += 1
         self._notify("on_cancel", self._clock() - started)
 

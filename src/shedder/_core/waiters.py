@@ -16,7 +16,10 @@ __all__ = ["_GRANTED", "_AsyncWaiter", "_Outcome", "_ThreadWaiter", "_resolve"]
 
 _GRANTED: Final = "granted"
 _Outcome = (
-    Literal["granted", "overloaded", "queue_full", "queue_timeout", "deadline_exceeded"] | None
+    Literal[
+        "granted", "overloaded", "queue_full", "queue_timeout", "deadline_exceeded", "cancelled"
+    ]
+    | None
 )
 
 

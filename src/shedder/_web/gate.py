@@ -1,0 +1,259 @@
+"""The request path both middlewares and the route decorators share: classify, admit, refuse.
+
+Framework-free: an adapter hands over a header getter, the peer's address and (only when a
+``classify`` callable needs one) a :class:`Request` view; it gets back the throttler's decision
+and the request's deadline, and turns refusals into its own protocol's messages, encoded once
+per ``(reason, retry_after, priority)`` by :meth:`Gate.refusal`.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Generic, Literal, TypeVar
+
+from shedder._core.errors import Overloaded
+from shedder._core.throttler import Outcome, Permit, Throttler, Waiting
+
+from .deadlines import Deadlines
+from .http import HTTPResponse, ShedResponder, shed_response
+
+__all__ = [
+    "DEFAULT_DEADLINES",
+    "Classification",
+    "Classifier",
+    "Gate",
+    "OutcomeOf",
+    "Request",
+    "default_outcome",
+]
+
+logger = logging.getLogger("shedder")
+
+E = TypeVar("E")  # an adapter's encoded response
+
+
+@dataclass(frozen=True, slots=True)
+class Classification:
+    """Who a request is, for admission: its priority class and its flow.
+
+    ``priority`` names one of the throttler's classes (None: the default class); ``flow`` is
+    any hashable key (a tenant, an API key, a user, a client address) whose waiters are served
+    in turn with other flows' and may hold at most ``flow_queue_limit`` places in the queue.
+    """
+
+    priority: str | None = None
+    flow: Hashable = None
+
+
+class Request:
+    """The framework-free view of a request that a ``classify`` callable receives.
+
+    ``headers`` has lower-case names (the last value wins for a repeated header); ``client``
+    is the peer's address (no port), or None; ``raw`` is the ASGI scope or the WSGI environ.
+    """
+
+    __slots__ = ("_headers", "_load", "client", "method", "path", "raw")
+
+    def __init__(
+        self,
+        method: str,
+        path: str,
+        client: str | None,
+        load_headers: Callable[[], dict[str, str]],
+        raw: Any,
+    ) -> None:
+        self.method = method
+        self.path = path
+        self.client = client
+        self.raw = raw
+        self._load = load_headers
+        self._headers: dict[str, str] | None = None
+
+    @property
+    def headers(self) -> Mapping[str, str]:
+        if self._headers is None:  # built on first use: most classifiers read one header
+            self._headers = self._load()
+        return self._headers
+
+    def __repr__(self) -> str:
+        return f"<Request {self.method} {self.path} from {self.client}>"
+
+
+Classifier = Callable[[Request], "Classification | None"]
+"""Maps a request to its :class:`Classification` (None: default class, no flow)."""
+
+OutcomeOf = Callable[[int | None, BaseException | None], Outcome]
+"""How a request's work ended, from its response status (None if no response started) and the
+exception the app raised (None if none): what the permit reports to a limit algorithm."""
+
+
+def default_outcome(status: int | None, error: BaseException | None) -> Outcome:
+    """``"ignore"`` for an exception or a 5xx (a fast failure is no latency sample), else
+    ``"success"``."""
+    if error is not None or (status is not None and status >= 500):
+        return "ignore"
+    return "success"
+
+
+_TRUST_CACHE_SIZE = 4096
+
+DEFAULT_DEADLINES = Deadlines()
+"""The middlewares' default: read grpc-timeout, Envoy's header and X-Request-Start."""
+
+
+class Gate(Generic[E]):
+    """Admission for one middleware or decorator; see the module docstring.
+
+    ``encode`` turns an :class:`HTTPResponse` into the adapter's ready-to-send form; refusals
+    built by the default responder are encoded once per (reason, retry_after, priority).
+    """
+
+    def __init__(
+        self,
+        throttler: Throttler,
+        encode: Callable[[HTTPResponse], E],
+        *,
+        status_code: int = 503,
+        responder: ShedResponder | None = None,
+        classify: Classifier | None = None,
+        priority_header: str | None = None,
+        trusted_peers: Iterable[str] = (),
+        deadlines: Deadlines | None = None,
+        outcome: OutcomeOf = default_outcome,
+    ) -> None:
+        self.throttler = throttler
+        self._encode = encode
+        self._status_code = status_code
+        self._responder = responder
+        if classify is not None and not callable(classify):
+            raise TypeError(f"classify must be callable, got {classify!r}")
+        self.classify = classify
+        if priority_header is not None and (
+            not isinstance(priority_header, str) or not priority_header
+        ):
+            raise ValueError(
+                f"priority_header must be None or a header name, got {priority_header!r}"
+            )
+        self._priority_header = None if priority_header is None else priority_header.lower()
+        self._trusted = _trusted_networks(trusted_peers)
+        self._trust_cache: dict[str, bool] = {}
+        if deadlines is not None and not isinstance(deadlines, Deadlines):
+            raise TypeError(f"deadlines must be a shedder.Deadlines or None, got {deadlines!r}")
+        self.deadlines = deadlines
+        if not callable(outcome):
+            raise TypeError(f"outcome must be callable, got {outcome!r}")
+        self.outcome = outcome
+        names = [] if self._priority_header is None else [self._priority_header]
+        if deadlines is not None:
+            names.extend(deadlines.header_names())
+        self.header_names: tuple[str, ...] = tuple(dict.fromkeys(names))
+        """The request headers the gate reads (lower-case); adapters fetch only these."""
+        self._refusals: dict[tuple[str, int, str], E] = {}
+        self._unknown_class_logged = False
+
+    @property
+    def passive(self) -> bool:
+        """True when admission needs nothing from the request (no headers, no classifier)."""
+        return not self.header_names and self.classify is None
+
+    def is_trusted(self, client: str | None) -> bool:
+        """Whether the peer at ``client`` may set priorities and long deadlines."""
+        if client is None or not self._trusted:
+            return False
+        trusted = self._trust_cache.get(client)
+        if trusted is None:
+            try:
+                address = ipaddress.ip_address(client)
+            except ValueError:
+                trusted = False
+            else:
+                trusted = any(address in network for network in self._trusted)
+            if len(self._trust_cache) >= _TRUST_CACHE_SIZE:
+                self._trust_cache.clear()  # bounded: a scan of many peers must not grow it
+            self._trust_cache[client] = trusted
+        return trusted
+
+    def admit(
+        self,
+        get: Callable[[str], str | None],
+        client: str | None,
+        request: Callable[[], Request] | None,
+        waiter: Literal["thread", "async"],
+    ) -> tuple[Permit | Overloaded | Waiting, float | None]:
+        """The throttler's decision for one request, and its deadline (monotonic s, or None).
+
+        ``get`` reads one of :attr:`header_names` (None if absent); ``request`` builds the
+        view for ``classify`` (needed only when one is configured).
+        """
+        priority: str | None = None
+        flow: Hashable = None
+        throttler = self.throttler
+        if self.classify is not None and request is not None:
+            classification = self.classify(request())
+            if classification is not None:
+                priority, flow = classification.priority, classification.flow
+                if priority is not None and priority not in throttler.priorities:
+                    self._unknown_class(priority)
+                    priority = None
+        if priority is None and self._priority_header is not None:
+            value = get(self._priority_header)
+            # A client must not make itself critical: only trusted peers (a gateway) may say.
+            if value is not None and value in throttler.priorities and self.is_trusted(client):
+                priority = value
+        deadline = wait_until = timeout = None
+        deadlines = self.deadlines
+        if deadlines is not None:
+            budget, spent = deadlines.read(get, time.time())
+            if spent:
+                timeout = max(throttler.queue_timeout - spent, 0.0)
+            if budget is not None:
+                if budget > deadlines.max_budget and not self.is_trusted(client):
+                    budget = deadlines.max_budget - spent
+                now = time.monotonic()
+                deadline = now + budget
+                wait_until = deadline - deadlines.margin
+        decision = throttler.admit(
+            priority=priority, flow=flow, deadline=wait_until, timeout=timeout, waiter=waiter
+        )
+        return decision, deadline
+
+    def refusal(self, refusal: Overloaded) -> E:
+        """The encoded refusal response: the responder's, or the contract's (cached)."""
+        if self._responder is not None:
+            return self._encode(self._responder(refusal))
+        key = (refusal.reason, refusal.retry_after, refusal.priority)
+        encoded = self._refusals.get(key)
+        if encoded is None:
+            encoded = self._encode(shed_response(refusal, self._status_code))
+            if len(self._refusals) < 1024:  # retry_after="auto" varies; keep the cache bounded
+                self._refusals[key] = encoded
+        return encoded
+
+    def _unknown_class(self, priority: str) -> None:
+        if not self._unknown_class_logged:
+            self._unknown_class_logged = True
+            logger.error(
+                "classify returned an unknown priority %r (classes: %s); using the default",
+                priority,
+                ", ".join(self.throttler.priorities),
+            )
+
+
+def _trusted_networks(
+    peers: Iterable[str],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    if isinstance(peers, str):
+        raise TypeError("trusted_peers must be an iterable of addresses or networks, not a str")
+    networks = []
+    for peer in peers:
+        try:
+            networks.append(ipaddress.ip_network(peer, strict=False))
+        except (TypeError, ValueError):
+            raise ValueError(
+                f"trusted_peers must hold IP addresses or networks, got {peer!r}"
+            ) from None
+    return tuple(networks)
