@@ -776,6 +776,8 @@ class Throttler:
                 # Not fed to the limit as a drop: a queue timeout says more arrive than the
                 # service takes, not that the service is congested, and shrinking the limit
                 # for it cuts throughput while the load stays the same (a death spiral).
+            elif outcome == "cancelled":
+                raise RuntimeError("this Waiting was cancelled; it cannot be waited on")
             else:
                 # Evicted by a newer arrival, which counted it and told the listeners.
                 raise Overloaded(outcome, self._retry_after_locked(), self._priorities[rank])
