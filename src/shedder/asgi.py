@@ -257,7 +257,7 @@ class LoadSheddingMiddleware:
             deadlines=deadlines,
             outcome=outcome,
         )
-        self._passive = self._gate.passive
+        self._classify = classify
         self._wanted = {name.encode("latin-1"): name for name in self._gate.header_names}
         self._throttler_admit = self.throttler.admit
         self._outcome = outcome
@@ -285,10 +285,18 @@ class LoadSheddingMiddleware:
 
         # One synchronous decision: no task, no future, unless the request really waits.
         deadline = None
-        if self._passive:
+        found = None
+        if self._wanted:
+            for key, value in scope.get("headers", ()):
+                name = self._wanted.get(key)
+                if name is not None:
+                    if found is None:
+                        found = {}
+                    found[name] = value.decode("latin-1")
+        if found is None and self._classify is None:
             decision = self._throttler_admit(waiter="async")
         else:
-            decision, deadline = self._admit(scope)
+            decision, deadline = self._admit(scope, found or {})
         if not isinstance(decision, Permit):
             if isinstance(decision, Overloaded):
                 code, headers, body = self._gate.refusal(decision)
@@ -324,15 +332,10 @@ class LoadSheddingMiddleware:
         if not permit._released:  # saves taking the lock when the body already freed it
             release(outcome(status, None))
 
-    def _admit(self, scope: Scope) -> tuple[Permit | Overloaded | Waiting, float | None]:
-        """Read what the gate needs from the scope (only those headers) and decide."""
-        wanted = self._wanted
-        found: dict[str, str] = {}
-        if wanted:
-            for key, value in scope.get("headers", ()):
-                name = wanted.get(key)
-                if name is not None:
-                    found[name] = value.decode("latin-1")
+    def _admit(
+        self, scope: Scope, found: dict[str, str]
+    ) -> tuple[Permit | Overloaded | Waiting, float | None]:
+        """The gate's decision from the headers it reads (``found``) and the peer."""
         client = scope.get("client")
         host = client[0] if client else None
         request = None

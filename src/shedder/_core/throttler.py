@@ -596,7 +596,7 @@ class Throttler:
                 refusal: Overloaded | None = Overloaded(
                     "deadline_exceeded", self._retry_after_locked(), self._priorities[rank]
                 )
-            elif self._in_flight < self._max_concurrency and not self._queue:
+            elif self._in_flight < self._max_concurrency and not self._queue.size:
                 self._in_flight += 1
                 self._admitted[rank] += 1
                 permit = Permit(self, now, 0.0, self._priorities[rank], deadline)
@@ -644,7 +644,7 @@ class Throttler:
         now = self._clock()
         with self._lock:
             if (deadline is not None and deadline <= now) or not (
-                self._in_flight < self._max_concurrency and not self._queue
+                self._in_flight < self._max_concurrency and not self._queue.size
             ):
                 return None
             self._in_flight += 1
@@ -825,7 +825,7 @@ class Throttler:
                 limit = self._limit.update(held, self._in_flight + 1, outcome == "dropped")
                 if limit != self._max_concurrency:
                     self._max_concurrency = max(1, limit)
-            if self._queue:
+            if self._queue.size:
                 self._fill_slots_locked()
             listeners = self._listeners
         if listeners:

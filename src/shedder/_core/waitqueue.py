@@ -41,17 +41,18 @@ class _ClassLine:
 class WaiterQueue:
     """Waiters by class (rank 0 is served first), flows in turn within a class, FIFO or LIFO."""
 
-    __slots__ = ("_classes", "_len")
+    __slots__ = ("_classes", "size")
 
     def __init__(self, classes: int = 1) -> None:
         self._classes = [_ClassLine() for _ in range(classes)]
-        self._len = 0
+        self.size = 0
+        """How many wait (a plain attribute: the throttler's fast path reads it)."""
 
     def __len__(self) -> int:
-        return self._len
+        return self.size
 
     def __bool__(self) -> bool:
-        return self._len > 0
+        return self.size > 0
 
     def __iter__(self) -> Iterator[QueuedWaiter]:
         """Every waiter, highest class first, each class in arrival order."""
@@ -75,7 +76,7 @@ class WaiterQueue:
         if own is None:
             own = line.flows[flow] = OrderedDict()
         own[waiter] = None
-        self._len += 1
+        self.size += 1
 
     def remove(self, waiter: QueuedWaiter) -> bool:
         """Take ``waiter`` out wherever it stands; False if it was not queued."""
@@ -87,7 +88,7 @@ class WaiterQueue:
         del own[waiter]
         if not own:
             del line.flows[waiter.flow]
-        self._len -= 1
+        self.size -= 1
         return True
 
     def pop_next(self, newest_first: bool) -> QueuedWaiter:
@@ -101,7 +102,7 @@ class WaiterQueue:
                 else:
                     del line.flows[flow]
                 del line.order[waiter]
-                self._len -= 1
+                self.size -= 1
                 return waiter
         raise IndexError("pop from an empty WaiterQueue")
 
