@@ -22,6 +22,7 @@ from shedder.client import (
     BackpressureAwareClient,
     BackpressureTransport,
     ClientThrottled,
+    GaveUp,
     MaxRetriesExceeded,
     RetryBudget,
     RetryEvent,
@@ -113,7 +114,7 @@ def test_http_date_retry_after_is_honoured() -> None:
 
 def test_long_retry_after_is_capped() -> None:
     server, slept = Server(shed("86400"), OK), []
-    client(server, slept, max_retry_after=30.0).get("http://test/")
+    client(server, slept, max_retry_after=30.0, total_timeout=60.0).get("http://test/")
     assert slept == pytest.approx([30.05])
 
 
@@ -248,16 +249,29 @@ def test_timeouts_are_not_retried() -> None:
 # --- retry budget and adaptive throttling -----------------------------------------------------
 
 
-def test_a_spent_budget_hands_the_503_back_at_once() -> None:
+def test_a_spent_budget_gives_up_at_once_like_exhausted_retries() -> None:
     budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10)  # one retry
     server, slept = Server(shed("1")), []
     c = client(server, slept, budget=budget, max_retries=5)
-    # The first call gets its one retry, then the budget is spent: 503 returned, not raised.
-    assert c.get("http://test/").status_code == 503
+    # The first call gets its one retry, then the budget is spent: the call gives up.
+    with pytest.raises(GaveUp, match=r"still 503 after 2 attempts \(the retry budget") as info:
+        c.get("http://test/")
+    assert info.value.reason == "budget"
+    assert info.value.response.content == b'{"error":"overloaded"}'
     assert len(server.requests) == 2
-    assert c.get("http://test/").status_code == 503
+    with pytest.raises(GaveUp) as info:
+        c.get("http://test/")
+    assert (info.value.reason, info.value.attempts) == ("budget", 1)
     assert len(server.requests) == 3
     assert len(slept) == 1
+
+
+def test_a_spent_budget_returns_the_503_when_the_policy_says_so() -> None:
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0)
+    server, slept = Server(shed("1")), []
+    response = client(server, slept, budget=budget, raise_on_exhausted=False).get("http://test/")
+    assert response.status_code == 503
+    assert len(server.requests) == 1
 
 
 def test_a_budget_is_shared_between_clients() -> None:
@@ -289,13 +303,19 @@ def test_throttle_counts_accepts() -> None:
     assert throttle.reject_probability() == 0.0
 
 
-def test_throttle_stops_retries_and_returns_the_response() -> None:
+def test_throttle_stops_retries_like_exhausted_retries() -> None:
     throttle = AdaptiveThrottle(random=lambda: 0.0)
     server, slept = Server(shed("1")), []
-    response = client(server, slept, throttle=throttle, max_retries=3).get("http://test/")
-    assert response.status_code == 503  # the retry was refused locally: the 503 comes back
+    with pytest.raises(GaveUp) as info:
+        client(server, slept, throttle=throttle, max_retries=3).get("http://test/")
+    assert info.value.reason == "throttled"  # the retry was refused locally
+    assert info.value.response.status_code == 503
     assert len(server.requests) == 1
     assert slept == []
+    response = client(
+        server, slept, throttle=AdaptiveThrottle(random=lambda: 0.0), raise_on_exhausted=False
+    ).get("http://test/")
+    assert response.status_code == 503
 
 
 # --- visibility: hook and log -----------------------------------------------------------------
@@ -337,8 +357,8 @@ def test_a_failing_hook_is_logged_and_does_not_stop_retries(
 def test_budget_refusal_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="shedder.client")
     budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0)
-    client(Server(shed("1")), [], budget=budget).get("http://test/")
-    assert "retry budget is spent" in caplog.text
+    client(Server(shed("1")), [], budget=budget, raise_on_exhausted=False).get("http://test/")
+    assert "gave up on 503 after 1 attempt: the retry budget is spent" in caplog.text
 
 
 # --- the transport on its own, and the clients -------------------------------------------------
@@ -468,7 +488,7 @@ def test_missing_httpx_names_the_extra() -> None:
 async def test_cancelling_during_the_wait_stops_at_once() -> None:
     server = Server(shed("30"), OK)
     transport = AsyncBackpressureTransport(
-        httpx.MockTransport(server.async_handler), policy=policy()
+        httpx.MockTransport(server.async_handler), policy=policy(total_timeout=None)
     )
     async with httpx.AsyncClient(transport=transport) as c:
         with pytest.raises(TimeoutError):
