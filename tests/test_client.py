@@ -6,6 +6,7 @@ import asyncio
 import email.utils
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -840,3 +841,24 @@ async def test_async_gives_up_on_the_deadline() -> None:
         with pytest.raises(GaveUp) as info:
             await c.get("http://t/")
     assert info.value.reason == "deadline"
+
+
+# --- docs/client.md ------------------------------------------------------------------------------
+
+
+def docs_examples() -> list[str]:
+    """The ```python blocks of docs/client.md that are not marked ``% fragment``."""
+    text = (Path(__file__).parent.parent / "docs" / "client.md").read_text()
+    blocks = re.findall(r"(?:^|\n)(% fragment\n)?```python\n(.*?)\n```", text, re.S)
+    return [code for fragment, code in blocks if not fragment]
+
+
+def test_docs_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
+    examples = docs_examples()
+    assert len(examples) == 3
+    for code in examples:
+        exec(compile(code, "docs/client.md", "exec"), {})
+    hi, sent, gave_up = capsys.readouterr().out.splitlines()
+    assert hi == "hi"
+    assert re.fullmatch(r"\['2[0-4][0-9]m'\]", sent)
+    assert gave_up == "deadline 503"
