@@ -179,6 +179,7 @@ def test_a_503_307_self_loop_is_bounded(base_url: str) -> None:
     assert sum(clock.slept) < 5
     assert len(clock.slept) == 4  # 1 s plus jitter each: the fifth wait would pass 5 s
     assert [entry["status"] for entry in arrivals(base_url, key)] == [503, 307] * 4 + [503]
+    assert info.value.attempts == 9  # every send of the call, the redirected ones included
 
 
 def test_the_budget_flows_through_a_chain_of_two_real_services(base_url: str) -> None:

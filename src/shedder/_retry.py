@@ -174,13 +174,14 @@ def format_timeout(seconds: float, format: DeadlineFormat) -> str:
 
 @dataclass(slots=True)
 class Call:
-    """One logical call's shared state: its deadline and the retries it has used.
+    """One logical call's shared state: its deadline, its sends and the retries it has used.
 
     A client keeps one per call across redirect hops, so that neither time nor retries start
     afresh at each hop. ``deadline`` is absolute ``time.monotonic()`` seconds (None: none).
     """
 
     deadline: float | None
+    attempts: int = 0
     retries: int = 0
 
     def remaining(self, now: float) -> float | None:
@@ -415,10 +416,11 @@ class RetryPolicy:
 
         ``replayable``: the body can be sent again. ``target`` names the request in logs.
         ``exhausted(response, attempts, reason)`` builds the exception raised when the call
-        gives up on a refusal; ``expired()`` the one raised when the deadline has passed before
-        anything could be sent. ``call``: the logical call this request belongs to (a redirect
-        hop); a new one by default. The generator returns the response to give the caller or
-        raises; it may raise :class:`ClientThrottled` before the first send.
+        gives up on a refusal (``attempts``: sends over the whole call); ``expired()`` the one
+        raised when the deadline has passed before anything could be sent. ``call``: the
+        logical call this request belongs to (a redirect hop); a new one by default. The
+        generator returns the response to give the caller or raises; it may raise
+        :class:`ClientThrottled` before the first send.
         """
         call = self.start_call() if call is None else call
         method_retryable = replayable and method.upper() in self.retry_methods
@@ -426,7 +428,6 @@ class RetryPolicy:
             self.throttle.admit()
         if self.budget is not None:
             self.budget.deposit()
-        attempts = 0
         last: R | None = None  # the last refusal, already read
         while True:
             remaining = call.remaining(self.monotonic())
@@ -434,9 +435,9 @@ class RetryPolicy:
                 # Only after a wait that the clock overran: the waits themselves end earlier.
                 if last is None:
                     raise expired()
-                return (yield from self._give_up(last, attempts, "deadline", target, exhausted))
+                return (yield from self._give_up(last, call, "deadline", target, exhausted))
             outcome = yield Send(remaining)
-            attempts += 1
+            call.attempts += 1
             if isinstance(outcome, Failed):
                 event = RetryEvent(0, 0.0, type(outcome.error).__name__, error=outcome.error)
                 if not (method_retryable and outcome.retryable):
@@ -463,7 +464,7 @@ class RetryPolicy:
                 delay = self._delay(event, call.retries + 1)
                 reason = self._stop(call, delay, target)
                 if reason is not None:
-                    return (yield from self._give_up(outcome, attempts, reason, target, exhausted))
+                    return (yield from self._give_up(outcome, call, reason, target, exhausted))
                 yield Read(outcome)
                 last = outcome
             call.retries += 1
@@ -472,12 +473,13 @@ class RetryPolicy:
     def _give_up(
         self,
         response: R,
-        attempts: int,
+        call: Call,
         reason: GiveUpReason,
         target: str,
         exhausted: Callable[[R, int, GiveUpReason], Exception],
     ) -> Generator[Step[R], R | Failed | None, R]:
         """Ends the call on ``response``: raised inside ``exhausted(...)`` or returned."""
+        attempts = call.attempts
         logger.info(
             "%s: gave up on %d after %d attempt%s: %s",
             target,

@@ -89,9 +89,10 @@ class GaveUp(httpx.HTTPStatusError):
     ``reason`` says what stopped it (:data:`GiveUpReason`): ``"retries"`` (none left),
     ``"budget"`` (the retry budget is spent), ``"deadline"`` (the next wait would pass the
     call's deadline) or ``"throttled"`` (adaptive throttling refused the retry). ``attempts``
-    counts the sends of this request, the first included. Raised only if the policy's
-    ``raise_on_exhausted`` is true; otherwise the response is returned. Being an
-    ``httpx.HTTPStatusError``, it is caught where ``raise_for_status()`` errors are.
+    counts the call's sends, the first included (redirect hops too, with the clients below).
+    Raised only if the policy's ``raise_on_exhausted`` is true; otherwise the response is
+    returned. Being an ``httpx.HTTPStatusError``, it is caught where ``raise_for_status()``
+    errors are.
     """
 
     def __init__(
