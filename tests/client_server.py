@@ -101,6 +101,15 @@ def create_shedding_app() -> Any:
     - ``GET /work/{key}``: needs that slot; refused with shedder's own 503 while it is held.
     - ``GET /arrivals/{key}``: ``[{"at", "not_before", "status"}]``, wall-clock seconds;
       ``not_before`` is when the 503 said the client might come back (None on success).
+    - ``GET /hop/{key}/{n}?retry_after=V``: the first request to each hop is refused with
+      ``503`` + ``Retry-After: V``, the next redirected (307) to hop ``n + 1``: a chain without
+      end, each hop shedding once.
+    - ``GET /loop/{key}?retry_after=V``: ``503`` + ``Retry-After: V`` and a 307 to itself, in
+      turn, forever.
+    - ``GET /relay?to=URL``: calls ``URL`` with a ``BackpressureAwareClient`` inside a
+      ``deadline_scope`` set from its own ``x-deadline`` header (seconds), sending the budget
+      on in ``x-deadline``; answers ``{"received": <its header>, "downstream": <URL's JSON>}``.
+    - ``GET /deadline``: ``{"received": <the x-deadline header>}``.
     """
     from starlette.applications import Starlette
     from starlette.requests import Request
@@ -164,11 +173,49 @@ def create_shedding_app() -> Any:
     async def log(request: Request) -> Response:
         return JSONResponse(arrivals[request.path_params["key"]])
 
+    def shed_once_then(request: Request, key: str, location: str) -> Response:
+        at = time.time()
+        value = request.query_params.get("retry_after", "1")
+        if len(arrivals[key]) % 2 == 0:
+            record(key, at, 503, at + int(value))
+            return JSONResponse({"error": "overloaded"}, 503, headers={"Retry-After": value})
+        record(key, at, 307, None)
+        return Response(status_code=307, headers={"Location": f"{location}?{request.url.query}"})
+
+    async def hop(request: Request) -> Response:
+        key, n = request.path_params["key"], int(request.path_params["n"])
+        arrivals[key].append({"hop": n})  # the whole chain's log, for the test
+        return shed_once_then(request, f"{key}/{n}", f"/hop/{key}/{n + 1}")
+
+    async def loop(request: Request) -> Response:
+        key = request.path_params["key"]
+        return shed_once_then(request, key, f"/loop/{key}")
+
+    def relay(request: Request) -> Response:
+        # A sync endpoint: it runs in a worker thread, as a WSGI app's handler would.
+        from shedder.client import BackpressureAwareClient, RetryPolicy, deadline_scope
+
+        received = request.headers["x-deadline"]
+        policy = RetryPolicy(deadline_header="x-deadline")
+        with (
+            deadline_scope(time.monotonic() + float(received)),
+            BackpressureAwareClient(policy=policy) as client,
+        ):
+            downstream = client.get(request.query_params["to"]).json()
+        return JSONResponse({"received": received, "downstream": downstream})
+
+    async def deadline(request: Request) -> Response:
+        return JSONResponse({"received": request.headers.get("x-deadline")})
+
     return Starlette(
         routes=[
             Route("/shed/{key}", shed),
             Route("/hold", hold),
             Route("/work/{key}", work),
             Route("/arrivals/{key}", log),
+            Route("/hop/{key}/{n}", hop),
+            Route("/loop/{key}", loop),
+            Route("/relay", relay),
+            Route("/deadline", deadline),
         ]
     )

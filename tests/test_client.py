@@ -6,8 +6,10 @@ import asyncio
 import email.utils
 import logging
 import os
+import re
 import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -16,16 +18,21 @@ import pytest
 
 import shedder
 from shedder.client import (
+    REFUSED_HEADER,
     AdaptiveThrottle,
     AsyncBackpressureAwareClient,
     AsyncBackpressureTransport,
     BackpressureAwareClient,
     BackpressureTransport,
     ClientThrottled,
+    DeadlineExceeded,
+    GaveUp,
     MaxRetriesExceeded,
     RetryBudget,
     RetryEvent,
     RetryPolicy,
+    current_deadline,
+    deadline_scope,
 )
 
 NOW = 1_700_000_000.0
@@ -39,9 +46,14 @@ class Server:
         self.replies = list(replies)
         self.requests: list[httpx.Request] = []
         self.bodies: list[bytes] = []
+        # A retry sends the same Request object again: snapshot what each attempt carried.
+        self.headers: list[dict[str, str]] = []
+        self.timeouts: list[dict[str, float | None]] = []
 
     def reply(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
+        self.headers.append(dict(request.headers))
+        self.timeouts.append(dict(request.extensions.get("timeout", {})))
         reply = self.replies.pop(0) if len(self.replies) > 1 else self.replies[0]
         if isinstance(reply, Exception):
             raise reply
@@ -113,7 +125,7 @@ def test_http_date_retry_after_is_honoured() -> None:
 
 def test_long_retry_after_is_capped() -> None:
     server, slept = Server(shed("86400"), OK), []
-    client(server, slept, max_retry_after=30.0).get("http://test/")
+    client(server, slept, max_retry_after=30.0, total_timeout=60.0).get("http://test/")
     assert slept == pytest.approx([30.05])
 
 
@@ -248,16 +260,29 @@ def test_timeouts_are_not_retried() -> None:
 # --- retry budget and adaptive throttling -----------------------------------------------------
 
 
-def test_a_spent_budget_hands_the_503_back_at_once() -> None:
+def test_a_spent_budget_gives_up_at_once_like_exhausted_retries() -> None:
     budget = RetryBudget(ratio=0.0, min_retries_per_second=0.1, window=10)  # one retry
     server, slept = Server(shed("1")), []
     c = client(server, slept, budget=budget, max_retries=5)
-    # The first call gets its one retry, then the budget is spent: 503 returned, not raised.
-    assert c.get("http://test/").status_code == 503
+    # The first call gets its one retry, then the budget is spent: the call gives up.
+    with pytest.raises(GaveUp, match=r"still 503 after 2 attempts \(the retry budget") as info:
+        c.get("http://test/")
+    assert info.value.reason == "budget"
+    assert info.value.response.content == b'{"error":"overloaded"}'
     assert len(server.requests) == 2
-    assert c.get("http://test/").status_code == 503
+    with pytest.raises(GaveUp) as info:
+        c.get("http://test/")
+    assert (info.value.reason, info.value.attempts) == ("budget", 1)
     assert len(server.requests) == 3
     assert len(slept) == 1
+
+
+def test_a_spent_budget_returns_the_503_when_the_policy_says_so() -> None:
+    budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0)
+    server, slept = Server(shed("1")), []
+    response = client(server, slept, budget=budget, raise_on_exhausted=False).get("http://test/")
+    assert response.status_code == 503
+    assert len(server.requests) == 1
 
 
 def test_a_budget_is_shared_between_clients() -> None:
@@ -289,13 +314,19 @@ def test_throttle_counts_accepts() -> None:
     assert throttle.reject_probability() == 0.0
 
 
-def test_throttle_stops_retries_and_returns_the_response() -> None:
+def test_throttle_stops_retries_like_exhausted_retries() -> None:
     throttle = AdaptiveThrottle(random=lambda: 0.0)
     server, slept = Server(shed("1")), []
-    response = client(server, slept, throttle=throttle, max_retries=3).get("http://test/")
-    assert response.status_code == 503  # the retry was refused locally: the 503 comes back
+    with pytest.raises(GaveUp) as info:
+        client(server, slept, throttle=throttle, max_retries=3).get("http://test/")
+    assert info.value.reason == "throttled"  # the retry was refused locally
+    assert info.value.response.status_code == 503
     assert len(server.requests) == 1
     assert slept == []
+    response = client(
+        server, slept, throttle=AdaptiveThrottle(random=lambda: 0.0), raise_on_exhausted=False
+    ).get("http://test/")
+    assert response.status_code == 503
 
 
 # --- visibility: hook and log -----------------------------------------------------------------
@@ -337,8 +368,8 @@ def test_a_failing_hook_is_logged_and_does_not_stop_retries(
 def test_budget_refusal_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="shedder.client")
     budget = RetryBudget(ratio=0.0, min_retries_per_second=0.0)
-    client(Server(shed("1")), [], budget=budget).get("http://test/")
-    assert "retry budget is spent" in caplog.text
+    client(Server(shed("1")), [], budget=budget, raise_on_exhausted=False).get("http://test/")
+    assert "gave up on 503 after 1 attempt: the retry budget is spent" in caplog.text
 
 
 # --- the transport on its own, and the clients -------------------------------------------------
@@ -468,9 +499,366 @@ def test_missing_httpx_names_the_extra() -> None:
 async def test_cancelling_during_the_wait_stops_at_once() -> None:
     server = Server(shed("30"), OK)
     transport = AsyncBackpressureTransport(
-        httpx.MockTransport(server.async_handler), policy=policy()
+        httpx.MockTransport(server.async_handler), policy=policy(total_timeout=None)
     )
     async with httpx.AsyncClient(transport=transport) as c:
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(c.get("http://test/"), timeout=0.2)
     assert len(server.requests) == 1  # cancelled in its 30 s wait, never sent again
+
+
+# --- total_timeout and deadlines ---------------------------------------------------------------
+
+
+class FakeTime:
+    """A monotonic clock moved only by the client's sleeps."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+        self.slept: list[float] = []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def timed_client(server: Server, clock: FakeTime, **options: object) -> BackpressureAwareClient:
+    return BackpressureAwareClient(
+        transport=httpx.MockTransport(server.handler),
+        policy=policy(monotonic=clock.monotonic, **options),
+        sleep=clock.sleep,
+    )
+
+
+def test_default_policy_bounds_every_call() -> None:
+    assert RetryPolicy().total_timeout == 10.0
+    server, clock = Server(shed("10")), FakeTime()
+    with pytest.raises(GaveUp) as info:
+        timed_client(server, clock, total_timeout=RetryPolicy().total_timeout).get("http://t/")
+    assert info.value.reason == "deadline"
+    assert clock.slept == []
+    assert len(server.requests) == 1
+
+
+def test_waits_stop_before_they_would_pass_the_deadline() -> None:
+    server, clock = Server(shed("3")), FakeTime()
+    with pytest.raises(GaveUp, match="no time left before the call's deadline") as info:
+        timed_client(server, clock, total_timeout=10, max_retries=10).get("http://t/")
+    assert clock.slept == pytest.approx([3.05, 3.05, 3.05])  # a fourth would end at 12.2 s
+    assert info.value.attempts == 4
+    assert info.value.response.headers["retry-after"] == "3"
+
+
+def test_backoff_waits_are_bounded_by_the_deadline_too() -> None:
+    server, clock = Server(httpx.ConnectError("refused")), FakeTime()
+    with pytest.raises(httpx.ConnectError):
+        timed_client(
+            server, clock, total_timeout=1, max_retries=50, random=lambda: 0.99, base_delay=0.1
+        ).get("http://t/")
+    assert sum(clock.slept) < 1
+    assert len(server.requests) == len(clock.slept) + 1
+
+
+def test_each_attempt_timeout_is_capped_at_the_time_left() -> None:
+    server, clock = Server(shed("1"), OK), FakeTime()
+    client = timed_client(server, clock, total_timeout=2)
+    client.get("http://t/", timeout=httpx.Timeout(5, connect=0.5))
+    first, second = server.timeouts
+    assert first == {"connect": 0.5, "read": 2, "write": 2, "pool": 2}
+    assert second["read"] == pytest.approx(2 - 1.05)
+    assert second["connect"] == 0.5
+
+
+def test_without_total_timeout_the_call_has_no_deadline_of_its_own() -> None:
+    server, clock = Server(shed("50"), OK), FakeTime()
+    response = timed_client(server, clock, total_timeout=None, max_retry_after=60).get("http://t/")
+    assert response.status_code == 200
+    assert clock.slept == pytest.approx([50.05])
+    assert server.timeouts[0]["read"] == 5.0  # httpx's own, untouched
+
+
+@pytest.mark.parametrize(
+    ("header", "fmt", "values"),
+    [
+        ("x-deadline", None, ["2", "0.95"]),
+        ("grpc-timeout", None, ["2000m", "950m"]),
+        ("x-envoy-expected-rq-timeout-ms", None, ["2000", "950"]),
+        ("X-Budget", "grpc-timeout", ["2000m", "950m"]),
+    ],
+)
+def test_the_time_left_is_sent_downstream_on_each_attempt(
+    header: str, fmt: str | None, values: list[str]
+) -> None:
+    server, clock = Server(shed("1"), OK), FakeTime()
+    timed_client(server, clock, total_timeout=2, deadline_header=header, deadline_format=fmt).get(
+        "http://t/"
+    )
+    assert [headers[header.lower()] for headers in server.headers] == values
+
+
+def test_no_deadline_header_by_default() -> None:
+    server, clock = Server(OK), FakeTime()
+    timed_client(server, clock).get("http://t/")
+    assert not {"grpc-timeout", "x-deadline"} & set(server.headers[0])
+
+
+def test_the_deadline_of_the_request_being_served_is_inherited() -> None:
+    server, clock = Server(shed("1"), OK), FakeTime()
+    client = timed_client(server, clock, deadline_header="x-deadline")
+    assert current_deadline() is None
+    with deadline_scope(clock.now + 1.5) as deadline:
+        assert current_deadline() == deadline == clock.now + 1.5
+        client.get("http://t/")
+    assert current_deadline() is None
+    assert [headers["x-deadline"] for headers in server.headers] == ["1.5", "0.45"]
+
+
+def test_a_short_inherited_deadline_ends_the_call_at_once() -> None:
+    server, clock = Server(shed("1")), FakeTime()
+    with deadline_scope(clock.now + 0.5), pytest.raises(GaveUp) as info:
+        timed_client(server, clock).get("http://t/")
+    assert info.value.reason == "deadline"
+    assert clock.slept == []
+
+
+def test_inherit_deadline_false_ignores_the_scope() -> None:
+    server, clock = Server(shed("1"), OK), FakeTime()
+    with deadline_scope(clock.now + 0.5):
+        response = timed_client(server, clock, inherit_deadline=False).get("http://t/")
+    assert response.status_code == 200
+
+
+def test_an_expired_deadline_sends_nothing() -> None:
+    server, clock = Server(OK), FakeTime()
+    with deadline_scope(clock.now - 1), pytest.raises(DeadlineExceeded, match="not sent") as info:
+        timed_client(server, clock, raise_on_exhausted=False).get("http://t/")
+    assert isinstance(info.value, httpx.TimeoutException)
+    assert server.requests == []
+
+
+def test_deadline_scopes_nest_and_never_extend() -> None:
+    with deadline_scope(100.0):
+        with deadline_scope(200.0) as inner:
+            assert inner == 100.0
+        with deadline_scope(50) as inner:
+            assert inner == 50.0
+        with deadline_scope(None) as inner:
+            assert inner == 100.0
+        assert current_deadline() == 100.0
+    assert current_deadline() is None
+
+
+@pytest.mark.parametrize(
+    ("deadline", "error"), [("soon", TypeError), (True, TypeError), (float("nan"), ValueError)]
+)
+def test_deadline_scope_rejects_bad_deadlines(deadline: object, error: type[Exception]) -> None:
+    with pytest.raises(error, match="deadline must be a number"), deadline_scope(deadline):  # type: ignore[arg-type]
+        pass
+
+
+async def test_async_inherits_the_deadline_across_tasks_and_shares_it() -> None:
+    clock = FakeTime()
+    servers = [Server(shed("1"), OK) for _ in range(2)]
+
+    async def call(server: Server) -> int:
+        async def sleep(seconds: float) -> None:
+            clock.sleep(seconds)
+
+        async with AsyncBackpressureAwareClient(
+            transport=httpx.MockTransport(server.async_handler),
+            policy=policy(monotonic=clock.monotonic, deadline_header="grpc-timeout"),
+            sleep=sleep,
+        ) as c:
+            return (await c.get("http://t/")).status_code
+
+    with deadline_scope(clock.now + 3):
+        # Each task copies the context: both calls end by the same deadline.
+        assert await asyncio.gather(call(servers[0]), call(servers[1])) == [200, 200]
+    assert servers[0].headers[0]["grpc-timeout"] == "3000m"
+    assert float(servers[1].headers[1]["grpc-timeout"][:-1]) < 3000 - 1000
+
+
+async def test_two_hops_pass_the_budget_along() -> None:
+    """Service A reads its budget from a header, calls B inside that deadline; B sees less."""
+    seen: dict[str, float] = {}
+
+    async def service_b(scope: dict[str, object], receive: object, send: object) -> None:
+        headers = dict(scope["headers"])  # type: ignore[call-overload]
+        seen["b"] = float(headers[b"x-deadline"])
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"b"})  # type: ignore[operator]
+
+    b_client = AsyncBackpressureAwareClient(
+        transport=httpx.ASGITransport(app=service_b),  # type: ignore[arg-type]
+        policy=RetryPolicy(deadline_header="x-deadline"),
+    )
+
+    async def service_a(scope: dict[str, object], receive: object, send: object) -> None:
+        headers = dict(scope["headers"])  # type: ignore[call-overload]
+        arrived, seen["a"] = time.monotonic(), float(headers[b"x-deadline"])
+        await asyncio.sleep(0.05)  # work before the downstream call spends budget
+        with deadline_scope(arrived + seen["a"]):
+            await b_client.get("http://b/")
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"a"})  # type: ignore[operator]
+
+    async with AsyncBackpressureAwareClient(
+        transport=httpx.ASGITransport(app=service_a),  # type: ignore[arg-type]
+        policy=RetryPolicy(total_timeout=0.5, deadline_header="x-deadline"),
+    ) as a_client:
+        assert (await a_client.get("http://a/")).text == "a"
+    await b_client.aclose()
+    assert 0.4 < seen["a"] <= 0.5
+    assert 0 < seen["b"] <= seen["a"] - 0.05  # B's default 10 s did not stretch A's budget
+
+
+# --- redirects: one logical call ----------------------------------------------------------------
+
+
+def redirect(to: str) -> httpx.Response:
+    return httpx.Response(307, headers={"Location": to})
+
+
+def test_redirect_hops_share_the_call_retries_and_deadline() -> None:
+    server = Server(
+        shed("1"), redirect("http://t/2"), shed("1"), redirect("http://t/3"), shed("1"), shed("1")
+    )
+    clock = FakeTime()
+    client = BackpressureAwareClient(
+        transport=httpx.MockTransport(server.handler),
+        policy=policy(monotonic=clock.monotonic, max_retries=3),
+        sleep=clock.sleep,
+        follow_redirects=True,
+    )
+    with pytest.raises(GaveUp) as info:
+        client.get("http://t/1")
+    assert info.value.reason == "retries"
+    assert len(clock.slept) == 3  # not 3 per hop
+    assert [r.url.path for r in server.requests] == ["/1", "/1", "/2", "/2", "/3", "/3"]
+
+
+def test_a_bare_transport_bounds_each_hop() -> None:
+    server = Server(shed("1"), redirect("http://t/2"), shed("1"), OK)
+    clock = FakeTime()
+    transport = BackpressureTransport(
+        httpx.MockTransport(server.handler),
+        policy=policy(monotonic=clock.monotonic, max_retries=1),
+        sleep=clock.sleep,
+    )
+    with httpx.Client(transport=transport, follow_redirects=True) as c:
+        assert c.get("http://t/1").status_code == 200  # each hop had its own one retry
+    assert len(clock.slept) == 2
+
+
+# --- shedder's refusals: any method may be retried ----------------------------------------------
+
+
+def refused(retry_after: str = "1", value: str = "1") -> httpx.Response:
+    return httpx.Response(
+        503, headers={"Retry-After": retry_after, REFUSED_HEADER: value}, content=b"{}"
+    )
+
+
+def test_refused_header_is_shedders() -> None:
+    assert REFUSED_HEADER == "x-shedder-refused"
+
+
+@pytest.mark.parametrize("method", ["POST", "PATCH"])
+def test_a_refusal_shedder_vouches_for_is_retried_for_any_method(method: str) -> None:
+    server, slept = Server(refused(), OK), []
+    response = client(server, slept).request(method, "http://t/", content=b"order")
+    assert response.status_code == 200
+    assert server.bodies == [b"order", b"order"]
+
+
+def test_without_the_header_post_is_handed_back() -> None:
+    server, slept = Server(refused(value="0"), OK), []
+    assert client(server, slept).post("http://t/", content=b"x").status_code == 503
+    assert len(server.requests) == 1
+
+
+def test_retry_unprocessed_false_ignores_the_header() -> None:
+    server, slept = Server(refused(), OK), []
+    c = client(server, slept, retry_unprocessed=False)
+    assert c.post("http://t/", content=b"x").status_code == 503
+    assert len(server.requests) == 1
+
+
+def test_a_vouched_refusal_still_never_resends_a_stream() -> None:
+    def body() -> Iterator[bytes]:
+        yield b"once"
+
+    server, slept = Server(refused(), OK), []
+    assert client(server, slept).post("http://t/", content=body()).status_code == 503
+    assert server.bodies == [b"once"]
+
+
+def test_connection_errors_still_are_not_retried_for_post() -> None:
+    server, slept = Server(httpx.ConnectError("refused"), OK), []
+    with pytest.raises(httpx.ConnectError):
+        client(server, slept).post("http://t/", content=b"x")
+
+
+# --- one outcome model ---------------------------------------------------------------------------
+
+
+def give_up_by(reason: str) -> dict[str, object]:
+    return {
+        "retries": {"max_retries": 0},
+        "budget": {"budget": RetryBudget(ratio=0.0, min_retries_per_second=0.0)},
+        "deadline": {"total_timeout": 0.5},
+        "throttled": {"throttle": AdaptiveThrottle(random=lambda: 0.0)},
+    }[reason]
+
+
+@pytest.mark.parametrize("reason", ["retries", "budget", "deadline", "throttled"])
+def test_every_give_up_raises_the_same_way(reason: str) -> None:
+    server, clock = Server(shed("1")), FakeTime()
+    with pytest.raises(GaveUp) as info:
+        timed_client(server, clock, **give_up_by(reason)).get("http://t/")
+    assert info.value.reason == reason
+    assert info.value.attempts == 1
+    assert info.value.response.content == b'{"error":"overloaded"}'
+    assert isinstance(info.value, MaxRetriesExceeded)  # the former name still catches it
+
+
+@pytest.mark.parametrize("reason", ["retries", "budget", "deadline", "throttled"])
+def test_every_give_up_returns_the_same_way(reason: str) -> None:
+    server, clock = Server(shed("1")), FakeTime()
+    options = {**give_up_by(reason), "raise_on_exhausted": False}
+    response = timed_client(server, clock, **options).get("http://t/")
+    assert response.status_code == 503
+    assert response.content == b'{"error":"overloaded"}'
+    assert clock.slept == []
+
+
+async def test_async_gives_up_on_the_deadline() -> None:
+    server = Server(shed("5"))
+    async with async_client(server, [], total_timeout=1) as c:
+        with pytest.raises(GaveUp) as info:
+            await c.get("http://t/")
+    assert info.value.reason == "deadline"
+
+
+# --- docs/client.md ------------------------------------------------------------------------------
+
+
+def docs_examples() -> list[str]:
+    """The ```python blocks of docs/client.md that are not marked ``% fragment``."""
+    text = (Path(__file__).parent.parent / "docs" / "client.md").read_text()
+    blocks = re.findall(r"(?:^|\n)(% fragment\n)?```python\n(.*?)\n```", text, re.S)
+    return [code for fragment, code in blocks if not fragment]
+
+
+def test_docs_examples_run(capsys: pytest.CaptureFixture[str]) -> None:
+    examples = docs_examples()
+    assert len(examples) == 3
+    for code in examples:
+        exec(compile(code, "docs/client.md", "exec"), {})
+    hi, sent, gave_up = capsys.readouterr().out.splitlines()
+    assert hi == "hi"
+    assert re.fullmatch(r"\['2[0-4][0-9]m'\]", sent)
+    assert gave_up == "deadline 503"

@@ -9,7 +9,13 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from shedder._client.retry import IDEMPOTENT_METHODS, RetryPolicy, backoff_delay, parse_retry_after
+from shedder._client.retry import (
+    IDEMPOTENT_METHODS,
+    RetryPolicy,
+    backoff_delay,
+    format_timeout,
+    parse_retry_after,
+)
 
 NOW = 1_700_000_000.0  # a fixed "now", seconds since the epoch
 CAP = 120.0
@@ -22,6 +28,18 @@ CAP = 120.0
 @example(0)
 def test_delay_seconds_is_read_and_capped(seconds: int) -> None:
     assert parse_retry_after(str(seconds), now=NOW, cap=CAP) == min(seconds, CAP)
+
+
+@pytest.mark.parametrize(
+    ("value", "seconds"), [("000000000001", 1), ("0" * 5000 + "7", 7), ("0000", 0), ("010", 10)]
+)
+def test_leading_zeros_carry_no_magnitude(value: str, seconds: int) -> None:
+    assert parse_retry_after(value, now=NOW, cap=CAP) == seconds
+
+
+@given(st.integers(min_value=0, max_value=10**40), st.integers(min_value=0, max_value=30))
+def test_zero_padded_delay_seconds_reads_as_its_value(seconds: int, zeros: int) -> None:
+    assert parse_retry_after("0" * zeros + str(seconds), now=NOW, cap=CAP) == min(seconds, CAP)
 
 
 def test_huge_delay_seconds_is_capped() -> None:
@@ -70,7 +88,10 @@ def test_any_text_never_crashes_and_stays_within_bounds(value: str) -> None:
     assert delay is None or 0 <= delay <= CAP
 
 
-@pytest.mark.parametrize("value", ["soon", "", "1.5", "-1", "+5", "1e3", " ", "Tomorrow"])
+@pytest.mark.parametrize(
+    "value",
+    ["soon", "", "1.5", "-1", "+5", "1e3", " ", "Tomorrow", "1, 2", "1 2", "\x001", "-0", "inf"],
+)
 def test_garbage_is_invalid(value: str) -> None:
     assert parse_retry_after(value, now=NOW, cap=CAP) is None
 
@@ -189,3 +210,85 @@ def test_policy_rejects_bad_values(options: dict[str, Any], message: str) -> Non
 def test_policy_rejects_non_int_max_retries(value: Any) -> None:
     with pytest.raises(TypeError, match="max_retries must be an int"):
         RetryPolicy(max_retries=value)
+
+
+@pytest.mark.parametrize(
+    ("options", "error", "message"),
+    [
+        ({"total_timeout": 0}, ValueError, "total_timeout must be > 0 or None, got 0"),
+        ({"total_timeout": -1.0}, ValueError, "total_timeout must be a finite number >= 0.0"),
+        ({"total_timeout": float("inf")}, ValueError, "total_timeout must be a finite number"),
+        ({"total_timeout": "10"}, TypeError, "total_timeout must be a number, got '10'"),
+        ({"inherit_deadline": 1}, TypeError, "inherit_deadline must be a bool, got 1"),
+        ({"retry_unprocessed": None}, TypeError, "retry_unprocessed must be a bool"),
+        ({"raise_on_exhausted": "no"}, TypeError, "raise_on_exhausted must be a bool"),
+        ({"deadline_header": 5}, TypeError, "deadline_header must be a str or None, got 5"),
+        ({"deadline_header": "x deadline"}, ValueError, "deadline_header must be a header name"),
+        ({"deadline_header": ""}, ValueError, "deadline_header must be a header name"),
+        ({"deadline_format": "ms"}, ValueError, "deadline_format must be one of"),
+    ],
+)
+def test_policy_rejects_bad_deadline_options(
+    options: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message.replace(".", r"\.").replace("(", r"\(")):
+        RetryPolicy(**options)
+
+
+@pytest.mark.parametrize(
+    ("header", "expected"),
+    [
+        ("grpc-timeout", "grpc-timeout"),
+        ("GRPC-Timeout", "grpc-timeout"),
+        ("x-envoy-expected-rq-timeout-ms", "milliseconds"),
+        ("x-request-timeout", "seconds"),
+    ],
+)
+def test_deadline_format_is_inferred_from_the_header(header: str, expected: str) -> None:
+    policy = RetryPolicy(deadline_header=header)
+    assert policy.deadline_format == expected
+    assert policy.deadline_header == header.lower()
+
+
+def test_explicit_deadline_format_wins() -> None:
+    policy = RetryPolicy(deadline_header="grpc-timeout", deadline_format="seconds")
+    assert policy.deadline_value(1.5) == "1.5"
+
+
+# --- writing a budget for downstream -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("seconds", "fmt", "text"),
+    [
+        (1.25, "seconds", "1.25"),
+        (2.0, "seconds", "2"),
+        (0.0004, "seconds", "0"),
+        (0.1, "grpc-timeout", "100m"),
+        (1.9999, "grpc-timeout", "1999m"),
+        (99_999.999, "grpc-timeout", "99999999m"),
+        (100_000.0, "grpc-timeout", "100000S"),
+        (10.0**9, "grpc-timeout", "16666666M"),
+        (10.0**10, "grpc-timeout", "2777777H"),
+        (10.0**13, "grpc-timeout", "99999999H"),
+        (0.25, "milliseconds", "250"),
+        (-3.0, "seconds", "0"),
+        (-3.0, "grpc-timeout", "0m"),
+    ],
+)
+def test_format_timeout(seconds: float, fmt: Any, text: str) -> None:
+    assert format_timeout(seconds, fmt) == text
+
+
+@given(st.floats(min_value=0, max_value=10**12, allow_nan=False))
+def test_format_timeout_never_promises_more_than_is_left(seconds: float) -> None:
+    assert float(format_timeout(seconds, "seconds")) <= seconds
+    grpc = format_timeout(seconds, "grpc-timeout")
+    unit = {"m": 1e-3, "S": 1.0, "M": 60.0, "H": 3600.0}[grpc[-1]]
+    assert len(grpc) <= 9
+    assert int(grpc[:-1]) * unit <= seconds * (1 + 1e-12)
+
+
+def test_format_timeout_rejects_an_unknown_format() -> None:
+    with pytest.raises(ValueError, match="format must be one of"):
+        format_timeout(1.0, "minutes")  # type: ignore[arg-type]

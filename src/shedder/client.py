@@ -1,14 +1,18 @@
 """An httpx client that honours backpressure (extra ``client``).
 
 On 429/503 it waits as long as ``Retry-After`` says (or backs off with full jitter), retries
-only idempotent requests whose body can be sent again, and never spends more than its
-:class:`RetryBudget` allows; optional adaptive throttling refuses locally when the server
-refuses most work anyway. All decisions live in :class:`RetryPolicy` (shared with nothing
-httpx-specific); the transports here only send, read and sleep.
+only idempotent requests whose body can be sent again (any method when shedder says the app
+never saw it), never spends more than its :class:`RetryBudget` allows and never runs past the
+call's deadline (``total_timeout``, or the deadline of the request being served); optional
+adaptive throttling refuses locally when the server refuses most work anyway. All decisions
+live in :class:`RetryPolicy` (shared with nothing httpx-specific); the transports here only
+send, read and sleep.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -17,8 +21,12 @@ from typing import Any, TypeVar
 from ._client.budget import AdaptiveThrottle, ClientThrottled, RetryBudget
 from ._client.retry import (
     IDEMPOTENT_METHODS,
+    REFUSED_HEADER,
     RETRYABLE_STATUSES,
+    Call,
+    DeadlineFormat,
     Failed,
+    GiveUpReason,
     Plan,
     Read,
     RetryEvent,
@@ -26,6 +34,10 @@ from ._client.retry import (
     Send,
     Sleep,
     backoff_delay,
+    current_deadline,
+    deadline_scope,
+    format_timeout,
+    give_up_message,
     parse_retry_after,
 )
 
@@ -37,6 +49,7 @@ except ImportError:  # pragma: no cover - exercised only without the extra
 
 __all__ = [
     "IDEMPOTENT_METHODS",
+    "REFUSED_HEADER",
     "RETRYABLE_ERRORS",
     "RETRYABLE_STATUSES",
     "AdaptiveThrottle",
@@ -45,11 +58,18 @@ __all__ = [
     "BackpressureAwareClient",
     "BackpressureTransport",
     "ClientThrottled",
+    "DeadlineExceeded",
+    "DeadlineFormat",
+    "GaveUp",
+    "GiveUpReason",
     "MaxRetriesExceeded",
     "RetryBudget",
     "RetryEvent",
     "RetryPolicy",
     "backoff_delay",
+    "current_deadline",
+    "deadline_scope",
+    "format_timeout",
     "parse_retry_after",
 ]
 
@@ -63,22 +83,53 @@ RETRYABLE_ERRORS: tuple[type[httpx.TransportError], ...] = (
 server too slow to answer is not helped by more requests."""
 
 
-class MaxRetriesExceeded(httpx.HTTPStatusError):
-    """Every attempt was refused (429/503); ``response`` is the last one, already read.
+class GaveUp(httpx.HTTPStatusError):
+    """The call ended on a refusal (429/503); ``response`` is the last one, already read.
 
-    ``attempts`` counts all sends, the first included. Being an ``httpx.HTTPStatusError``, it
-    is caught where ``raise_for_status()`` errors are.
+    ``reason`` says what stopped it (:data:`GiveUpReason`): ``"retries"`` (none left),
+    ``"budget"`` (the retry budget is spent), ``"deadline"`` (the next wait would pass the
+    call's deadline) or ``"throttled"`` (adaptive throttling refused the retry). ``attempts``
+    counts the call's sends, the first included (redirect hops too, with the clients below).
+    Raised only if the policy's ``raise_on_exhausted`` is true; otherwise the response is
+    returned. Being an ``httpx.HTTPStatusError``, it is caught where ``raise_for_status()``
+    errors are.
     """
 
-    def __init__(self, request: httpx.Request, response: httpx.Response, attempts: int) -> None:
+    def __init__(
+        self,
+        request: httpx.Request,
+        response: httpx.Response,
+        attempts: int,
+        reason: GiveUpReason = "retries",
+    ) -> None:
         response.request = request  # a transport's response is not yet bound to its request
+        target = f"{request.method} {_target_url(request)}"
         super().__init__(
-            f"{request.method} {_target_url(request)}: still {response.status_code} "
-            f"after {attempts} attempt{'' if attempts == 1 else 's'}",
+            give_up_message(target, response.status_code, attempts, reason),
             request=request,
             response=response,
         )
         self.attempts = attempts
+        self.reason: GiveUpReason = reason
+
+
+MaxRetriesExceeded = GaveUp
+"""The former name of :class:`GaveUp` (which is now raised for every reason, not only when
+retries run out)."""
+
+
+class DeadlineExceeded(httpx.TimeoutException):
+    """The call's deadline passed before the request could be sent (nothing was sent).
+
+    Raised whatever ``raise_on_exhausted`` says: there is no response to return. An
+    ``httpx.TimeoutException``, so it is caught where timeouts are.
+    """
+
+    def __init__(self, request: httpx.Request) -> None:
+        super().__init__(
+            f"{request.method} {_target_url(request)}: not sent, the call's deadline has passed",
+            request=request,
+        )
 
 
 def _target_url(request: httpx.Request) -> str:
@@ -101,7 +152,11 @@ class _Run:
             request.method,
             replayable=isinstance(request.stream, httpx.ByteStream),
             target=f"{request.method} {_target_url(request)}",
-            exhausted=lambda response, attempts: MaxRetriesExceeded(request, response, attempts),
+            exhausted=lambda response, attempts, reason: GaveUp(
+                request, response, attempts, reason
+            ),
+            expired=lambda: DeadlineExceeded(request),
+            call=_call_of(policy),
         )
         self._reply: httpx.Response | Failed | None = None
         self.response: httpx.Response | None = None
@@ -128,12 +183,51 @@ class _Run:
         return self.response
 
 
+_TIMEOUTS = ("connect", "read", "write", "pool")
+
+
+def _prepare(policy: RetryPolicy, request: httpx.Request, step: Send) -> None:
+    """Fits one attempt into the time left: caps its timeouts, tells the server if asked."""
+    if step.remaining is None:
+        return
+    timeouts = request.extensions.get("timeout", {})
+    request.extensions["timeout"] = {
+        name: step.remaining if timeouts.get(name) is None else min(timeouts[name], step.remaining)
+        for name in _TIMEOUTS
+    }
+    if policy.deadline_header is not None:
+        request.headers[policy.deadline_header] = policy.deadline_value(step.remaining)
+
+
+# The logical call in progress (a client's send(), redirect hops included) and whose policy it
+# runs under: transports sharing that policy count its time and retries, not their own.
+_CALL: contextvars.ContextVar[tuple[RetryPolicy, Call] | None] = contextvars.ContextVar(
+    "shedder_client_call", default=None
+)
+
+
+def _call_of(policy: RetryPolicy) -> Call | None:
+    current = _CALL.get()
+    return current[1] if current is not None and current[0] is policy else None
+
+
+@contextlib.contextmanager
+def _logical_call(policy: RetryPolicy) -> Iterator[None]:
+    token = _CALL.set((policy, policy.start_call()))
+    try:
+        yield
+    finally:
+        _CALL.reset(token)
+
+
 class BackpressureTransport(httpx.BaseTransport):
     """Wraps a sync httpx transport (default ``httpx.HTTPTransport()``) with ``policy``.
 
-    ``sleep`` (seconds) is injectable for tests. Raises :class:`MaxRetriesExceeded` when
-    retries run out (unless the policy says to return the response) and
-    :class:`ClientThrottled` when adaptive throttling refuses locally.
+    ``sleep`` (seconds) is injectable for tests. Raises :class:`GaveUp` when the call gives
+    up on a refusal (unless the policy says to return the response), :class:`DeadlineExceeded`
+    when there is no time left to send, and :class:`ClientThrottled` when adaptive throttling
+    refuses locally. Used on its own, each request (each redirect hop) gets its own
+    ``total_timeout`` and retries; the clients below share them across a call's hops.
     """
 
     def __init__(
@@ -155,6 +249,7 @@ class BackpressureTransport(httpx.BaseTransport):
             elif isinstance(step, Read):
                 step.response.read()
             else:
+                _prepare(self.policy, request, step)
                 try:
                     run.sent(self.transport.handle_request(request))
                 except Exception as exc:
@@ -191,6 +286,7 @@ class AsyncBackpressureTransport(httpx.AsyncBaseTransport):
             elif isinstance(step, Read):
                 await step.response.aread()
             else:
+                _prepare(self.policy, request, step)
                 try:
                     run.sent(await self.transport.handle_async_request(request))
                 except Exception as exc:
@@ -217,7 +313,8 @@ class BackpressureAwareClient(httpx.Client):
     """An ``httpx.Client`` whose transports (mounts included) honour backpressure.
 
     ``policy`` and ``sleep`` as for :class:`BackpressureTransport`; every other keyword goes to
-    ``httpx.Client``.
+    ``httpx.Client``. One call (``get``, ``send``, ...) is one logical call: its
+    ``total_timeout`` and ``max_retries`` span all its redirect hops.
     """
 
     def __init__(
@@ -228,15 +325,20 @@ class BackpressureAwareClient(httpx.Client):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        wrap = functools.partial(BackpressureTransport, policy=policy or RetryPolicy(), sleep=sleep)
+        self.policy = policy or RetryPolicy()
+        wrap = functools.partial(BackpressureTransport, policy=self.policy, sleep=sleep)
         self._transport, self._mounts = _wrap_all(self._transport, self._mounts, wrap)
+
+    def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        with _logical_call(self.policy):
+            return super().send(request, **kwargs)
 
 
 class AsyncBackpressureAwareClient(httpx.AsyncClient):
     """An ``httpx.AsyncClient`` whose transports (mounts included) honour backpressure.
 
     ``policy`` and ``sleep`` as for :class:`AsyncBackpressureTransport`; every other keyword
-    goes to ``httpx.AsyncClient``.
+    goes to ``httpx.AsyncClient``. Redirect hops share the call's time and retries.
     """
 
     def __init__(
@@ -247,7 +349,10 @@ class AsyncBackpressureAwareClient(httpx.AsyncClient):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
-        wrap = functools.partial(
-            AsyncBackpressureTransport, policy=policy or RetryPolicy(), sleep=sleep
-        )
+        self.policy = policy or RetryPolicy()
+        wrap = functools.partial(AsyncBackpressureTransport, policy=self.policy, sleep=sleep)
         self._transport, self._mounts = _wrap_all(self._transport, self._mounts, wrap)
+
+    async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        with _logical_call(self.policy):
+            return await super().send(request, **kwargs)
