@@ -84,9 +84,12 @@ def test_agent_sums_the_instance_table(tmp_path: Path) -> None:
         assert list(tmp_path.glob("agent-table.*.shedder")), "published at start"
         with throttler:
             assert ask(agent.port) == "up 75%\n"
-        # A second throttler of the same name in the same process would blur the figures.
-        with pytest.raises(ValueError, match="already publishes"):
-            start_agent(sibling, port=0, instance_dir=tmp_path)
+        # A second throttler of the same name in the same process gets a record of its own:
+        # the figures are not blurred, and nothing fails (issue 19).
+        with start_agent(sibling, port=0, instance_dir=tmp_path) as second, sibling:
+            assert len(list(tmp_path.glob("agent-table*.shedder"))) == 2
+            assert ask(agent.port) == "up 100%\n"
+            assert ask(second.port) == "up 75%\n"
 
 
 def test_agent_reads_the_instance_dir_from_the_environment(

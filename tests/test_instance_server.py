@@ -36,8 +36,7 @@ def in_flight_by_worker(directory: Path) -> dict[int, int]:
     for path in directory.glob("app.*.shedder"):
         record = _read(path)
         if record is not None:
-            pid, in_flight = record[0], record[1]
-            counts[pid] = in_flight
+            counts[record.pid] = record.in_flight
     return counts
 
 
@@ -99,7 +98,8 @@ def test_health_and_agent_sum_the_live_workers(instance: App, tmp_path: Path) ->
             assert health["workers"] == WORKERS
             assert health["in_flight"] == total
             assert health["max_concurrency"] == APP_CONCURRENCY * WORKERS
-            assert health["throttlers"]["report"]["max_concurrency"] == REPORT_CONCURRENCY * 2
+            report = health["throttlers"][1]
+            assert (report["name"], report["max_concurrency"]) == ("report", REPORT_CONCURRENCY * 2)
             # Every worker runs an agent on the same port (SO_REUSEPORT); each sums too.
             assert agent_line(instance) == expected_line(total)
 
