@@ -230,3 +230,17 @@ def test_each_decorated_request_releases_exactly_once(heavy: Throttler) -> None:
         with client.get("/heavy") as response:
             assert response.status_code == 200
     assert counting.released == 3
+
+
+def test_async_views_run_under_flask_with_the_extra(heavy: Throttler) -> None:
+    """The ``flask`` extra installs ``flask[async]``: without asgiref every async view was 500."""
+    app = flask.Flask(__name__)
+
+    @app.get("/async")
+    @shed_load(heavy)
+    async def view() -> str:
+        return "async done"
+
+    with app.test_client().get("/async") as response:
+        assert (response.status_code, response.get_data()) == (200, b"async done")
+    assert heavy.in_flight == 0

@@ -138,9 +138,7 @@ class InstanceTable:
     INSECURE`` set to ``1``) accepts such a directory anyway.
     """
 
-    def __init__(
-        self, directory: str | os.PathLike[str], *, insecure: bool | None = None
-    ) -> None:
+    def __init__(self, directory: str | os.PathLike[str], *, insecure: bool | None = None) -> None:
         path = Path(directory)
         try:
             info = os.stat(path)

@@ -36,6 +36,8 @@ logger = logging.getLogger("shedder")
 MIN_WEIGHT = 1
 """The weight (percent) reported while shedding: never 0, which HAProxy treats like drain."""
 
+_CLOSE_TIMEOUT = 2.0  # seconds close() lets the connections accepted last be answered
+
 
 def agent_reply(
     snapshots: Sequence[ThrottlerStats], *, drain: bool = False, shedding: bool = False
@@ -136,9 +138,15 @@ class Agent:
                 self._started.set()
             loop.run_forever()
             server.close()
-            # Every check was answered in full when it connected (see _answer): nothing is
-            # left to cancel, so nothing logs a CancelledError on the way out.
             loop.run_until_complete(server.wait_closed())
+            # Checks answer in full as they connect (see _answer), so what is left is asyncio's
+            # own accepting of the last connections: let it finish (each answers its check)
+            # rather than cancel it, which logged CancelledError tracebacks and leaked sockets.
+            pending = asyncio.all_tasks(loop)
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending, timeout=_CLOSE_TIMEOUT))
+            for task in pending:
+                task.cancel()  # only if something hung; never in practice
         finally:
             loop.close()
 
