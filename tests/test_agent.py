@@ -8,9 +8,7 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -186,15 +184,16 @@ def test_untrusted_records_never_break_the_reply(
     planted.write_bytes(
         _RECORD.pack(2, _MAGIC, _VERSION, 2**40, 0, 50, 0, 4, 0, 1.0, 0, 0, 0, 0, 0, 0)
     )
-    negative = tmp_path / f"agent-bad.{os.getppid()}.shedder"
-    negative.write_bytes(
+    unrelated = tmp_path / f"agent-bad.{os.getppid()}.shedder"  # live pid, not its start
+    unrelated.write_bytes(
         _RECORD.pack(2, _MAGIC, _VERSION, os.getppid(), 0, -30, 0, 4, 0, 1.0, 0, 0, 0, 0, 0, 0)
     )
     with (
         caplog.at_level(logging.ERROR),
         start_agent(throttler, port=0, instance_dir=tmp_path) as agent,
+        throttler,
     ):
-        with throttler:
-            assert ask(agent.port) == "up 75%\n"  # used: a bare "up" and a traceback
+        assert ask(agent.port) == "up 75%\n"  # used: a bare "up" and a traceback
     assert not caplog.records, caplog.text
-    assert not planted.exists() and not negative.exists()
+    assert not planted.exists()
+    assert not unrelated.exists()

@@ -304,7 +304,7 @@ class _Record(NamedTuple):
     @classmethod
     def unpack(cls, data: bytes) -> _Record:
         values = _RECORD.unpack_from(data)
-        return cls(*values[:13], tuple(values[13:]))
+        return cls._make((*values[:13], tuple(values[13:])))
 
 
 def _check(record: _Record, pid_in_name: int) -> str:
