@@ -53,9 +53,13 @@ class App:
 
 @contextlib.contextmanager
 def gunicorn_app(
-    *, workers: int = 1, env: Mapping[str, str] | None = None, threads: int = 32
+    *,
+    workers: int = 1,
+    env: Mapping[str, str] | None = None,
+    threads: int = 32,
+    app: str = "examples.haproxy.app:app",
 ) -> Iterator[App]:
-    """``examples.haproxy.app:app`` (the Flask example + agent) under gunicorn gthread."""
+    """``app`` (default: the Flask example + agent) under gunicorn gthread."""
     port, agent_port = free_port(), free_port()
     environment = {
         **os.environ,
@@ -66,7 +70,7 @@ def gunicorn_app(
     command = [sys.executable, "-m", "gunicorn", "-c", str(EXAMPLE_DIR / "gunicorn.conf.py")]
     command += ["-k", "gthread", "--threads", str(threads), "--workers", str(workers)]
     command += ["--graceful-timeout", "1", "--bind", f"127.0.0.1:{port}"]
-    command += ["examples.haproxy.app:app"]
+    command += [app]
     process = subprocess.Popen(
         command, cwd=REPO_DIR, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import socket
 import subprocess
@@ -12,6 +14,7 @@ import pytest
 
 import shedder
 from shedder import Throttler, ThrottlerStats
+from shedder._web.instance import _MAGIC, _RECORD, _VERSION
 from shedder.agent import agent_reply, start_agent
 
 
@@ -84,9 +87,12 @@ def test_agent_sums_the_instance_table(tmp_path: Path) -> None:
         assert list(tmp_path.glob("agent-table.*.shedder")), "published at start"
         with throttler:
             assert ask(agent.port) == "up 75%\n"
-        # A second throttler of the same name in the same process would blur the figures.
-        with pytest.raises(ValueError, match="already publishes"):
-            start_agent(sibling, port=0, instance_dir=tmp_path)
+        # A second throttler of the same name in the same process gets a record of its own:
+        # the figures are not blurred, and nothing fails (issue 19).
+        with start_agent(sibling, port=0, instance_dir=tmp_path) as second, sibling:
+            assert len(list(tmp_path.glob("agent-table*.shedder"))) == 2
+            assert ask(agent.port) == "up 100%\n"
+            assert ask(second.port) == "up 75%\n"
 
 
 def test_agent_reads_the_instance_dir_from_the_environment(
@@ -139,3 +145,55 @@ def test_importing_the_agent_needs_no_framework() -> None:
         env={**os.environ, "PYTHONPATH": src},
     )
     assert result.stdout.strip() == "[]"
+
+
+def test_a_worker_shedding_forces_the_shedding_reply() -> None:
+    idle = stats(0)
+    assert agent_reply([idle], shedding=True) == "up 1%\n"
+    assert agent_reply([idle], shedding=True, drain=True) == "drain\n"
+
+
+def test_closing_with_a_check_in_flight_logs_nothing(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Agent.close() while a check was being answered logged CancelledError tracebacks."""
+    throttler = Throttler(max_concurrency=4, name="agent-close")
+
+    async def never_drains(writer: asyncio.StreamWriter) -> None:
+        # What a checker that stops reading does to a full send buffer: drain() waits.
+        await asyncio.Event().wait()
+
+    monkeypatch.setattr(asyncio.StreamWriter, "drain", never_drains)
+    agent = start_agent(throttler, port=0)
+    with caplog.at_level(logging.DEBUG, logger="asyncio"):
+        checks = [socket.create_connection(("127.0.0.1", agent.port), timeout=5) for _ in range(3)]
+        lines = [check.recv(64) for check in checks]
+        # Each check got its line; the old agent was still awaiting drain() in each.
+        agent.close()
+    for check in checks:
+        check.close()
+    assert lines == [b"up 100%\n"] * 3
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
+
+
+def test_untrusted_records_never_break_the_reply(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    throttler = Throttler(max_concurrency=4, max_queue=0, name="agent-bad")
+    planted = tmp_path / "agent-bad.1099511627776.shedder"
+    planted.write_bytes(
+        _RECORD.pack(2, _MAGIC, _VERSION, 2**40, 0, 50, 0, 4, 0, 1.0, 0, 0, 0, 0, 0, 0, 0)
+    )
+    unrelated = tmp_path / f"agent-bad.{os.getppid()}.shedder"  # live pid, not its start
+    unrelated.write_bytes(
+        _RECORD.pack(2, _MAGIC, _VERSION, os.getppid(), 0, -30, 0, 4, 0, 1.0, 0, 0, 0, 0, 0, 0, 0)
+    )
+    with (
+        caplog.at_level(logging.ERROR),
+        start_agent(throttler, port=0, instance_dir=tmp_path) as agent,
+        throttler,
+    ):
+        assert ask(agent.port) == "up 75%\n"  # used: a bare "up" and a traceback
+    assert not caplog.records, caplog.text
+    assert not planted.exists()
+    assert not unrelated.exists()

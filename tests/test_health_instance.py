@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import json
+import logging
 import multiprocessing
 import os
 import wsgiref.util
@@ -138,3 +139,85 @@ def test_a_throttler_that_goes_away_stops_counting(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("gone.*.shedder"))
     # The name is free again in this process.
     table.publish(Throttler(max_concurrency=4, name="gone"))
+
+
+# -- issue 19 (1, 7) and issue 18: names, failures, the JSON's shape --------------------------
+
+
+def test_health_lists_every_throttler_and_reports_the_worst() -> None:
+    route = Throttler(max_concurrency=1, max_queue=0, name="route")
+    middleware = LoadSheddingMiddleware(app, max_concurrency=4, name="own", health_throttlers=route)
+    body = json.loads(call(middleware, "/health/load")[2])
+    assert [t["name"] for t in body["throttlers"]] == ["own", "route"]
+    alone = LoadSheddingMiddleware(app, max_concurrency=4, name="alone")
+    assert [t["name"] for t in json.loads(call(alone, "/health/load")[2])["throttlers"]] == [
+        "alone"
+    ]  # used: no list with a single throttler
+    with route:
+        status, _, raw = call(middleware, "/health/load")
+    body = json.loads(raw)
+    assert status.startswith("503")
+    # Top level: the worst status of all, the adapter's own figures (which are idle).
+    assert (body["status"], body["name"], body["in_flight"], body["load"]) == (
+        "overloaded",
+        "own",
+        0,
+        0.0,
+    )
+    assert [(t["name"], t["status"], t["in_flight"]) for t in body["throttlers"]] == [
+        ("own", "ok", 0),
+        ("route", "overloaded", 1),
+    ]
+
+
+def test_throttlers_that_share_a_name_are_all_reported(tmp_path: Path) -> None:
+    """A route throttler left at name="default" beside the middleware's: every request was 500."""
+    route = Throttler(max_concurrency=1, max_queue=0)
+    middleware = LoadSheddingMiddleware(
+        app,
+        max_concurrency=4,
+        instance_dir=tmp_path,
+        exempt=["/static/"],
+        health_throttlers=[route, route],  # the same one twice is reported once
+    )
+    assert route.name == middleware.throttler.name == "default"
+    for path in ("/", "/health/live", "/static/x"):
+        assert call(middleware, path)[0] == "200 OK", path
+    with route:
+        status, _, raw = call(middleware, "/health/load")
+    assert status.startswith("503")
+    body = json.loads(raw)
+    assert [(t["name"], t["max_concurrency"], t["in_flight"]) for t in body["throttlers"]] == [
+        ("default", 4, 0),
+        ("default", 1, 1),
+    ]  # used: one entry, the second overwriting the first
+    assert [t["workers"] for t in body["throttlers"]] == [1, 1]
+    assert len(list(tmp_path.iterdir())) == 2
+
+
+def test_a_name_that_is_no_file_name_works(tmp_path: Path) -> None:
+    middleware = LoadSheddingMiddleware(
+        app, max_concurrency=2, instance_dir=tmp_path, name="api/v1"
+    )
+    assert call(middleware, "/")[0] == "200 OK"  # used: 500 on every request
+    body = json.loads(call(middleware, "/health/load")[2])
+    assert (body["name"], body["workers"], body["admitted_total"]) == ("api/v1", 1, 1)
+
+
+def test_no_request_fails_because_of_the_instance_table(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    directory = tmp_path / "instance"
+    directory.mkdir(mode=0o700)
+    middleware = LoadSheddingMiddleware(
+        app, max_concurrency=2, instance_dir=directory, exempt=["/static/"], name="lost"
+    )
+    directory.rmdir()  # say, a cleanup job took it
+    with caplog.at_level(logging.ERROR, logger="shedder"):
+        for _ in range(3):
+            for path in ("/", "/health/live", "/static/x"):
+                assert call(middleware, path)[0] == "200 OK", path
+            status, _, raw = call(middleware, "/health/load")
+            assert status == "200 OK"
+            assert json.loads(raw)["workers"] == 0  # this process's figures only
+    assert len(caplog.records) == 2  # logged once for publishing, once for reading

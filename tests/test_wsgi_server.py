@@ -189,7 +189,7 @@ def test_file_response_keeps_gunicorn_file_wrapper_and_frees_slot(client: httpx.
 def test_flask_decorator_behind_the_middleware(server: str, client: httpx.Client) -> None:
     results: list[httpx.Response] = []
     first = in_background(server, "/heavy?gate=heavy", results)
-    assert wait_for(lambda: health(client)["throttlers"]["heavy"]["in_flight"] == 1)
+    assert wait_for(lambda: health(client)["throttlers"][1]["in_flight"] == 1)
     refused = client.get("/heavy?gate=heavy")
     assert refused.status_code == 503
     assert refused.headers["retry-after"] == "2"
@@ -211,7 +211,7 @@ def test_example_app_runs_with_the_documented_command() -> None:
             with client.stream("GET", "/stream?lines=2") as response:
                 assert len(list(response.iter_lines())) == 2
             load = client.get("/health/load").json()
-            assert set(load["throttlers"]) == {"app", "report"}
+            assert [t["name"] for t in load["throttlers"]] == ["app", "report"]
             metrics = client.get("/metrics")
             assert metrics.status_code == 200
             assert "text/plain" in metrics.headers["content-type"]

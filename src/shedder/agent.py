@@ -36,18 +36,22 @@ logger = logging.getLogger("shedder")
 MIN_WEIGHT = 1
 """The weight (percent) reported while shedding: never 0, which HAProxy treats like drain."""
 
-_WRITE_TIMEOUT = 2.0  # seconds: a check that does not read its line is not worth a task
+_CLOSE_TIMEOUT = 2.0  # seconds close() lets the connections accepted last be answered
 
 
-def agent_reply(snapshots: Sequence[ThrottlerStats], *, drain: bool = False) -> str:
+def agent_reply(
+    snapshots: Sequence[ThrottlerStats], *, drain: bool = False, shedding: bool = False
+) -> str:
     """The agent-check line (with its ``\\n``) for these throttlers' figures.
 
     The busiest throttler decides: its ``load / shed_threshold`` sets the weight, and any
-    throttler shedding means the instance is shedding.
+    throttler shedding means the instance is shedding. ``shedding=True`` says so whatever the
+    figures (one worker process of the instance is shedding though the sums are below the
+    threshold).
     """
     if not snapshots:
         raise ValueError("agent_reply needs at least one throttler's stats")
-    if any(s.overloaded for s in snapshots):
+    if shedding or any(s.overloaded for s in snapshots):
         return "drain\n" if drain else f"up {MIN_WEIGHT}%\n"
     pressure = max(s.load / s.shed_threshold for s in snapshots)
     weight = max(MIN_WEIGHT, round(100 * (1.0 - pressure)))
@@ -85,8 +89,12 @@ class Agent:
 
     def reply(self) -> str:
         """The line a check gets now."""
-        snapshots, _ = instance_stats(self._throttlers, self._table)
-        return agent_reply(snapshots, drain=self._drain)
+        reports = instance_stats(self._throttlers, self._table)
+        return agent_reply(
+            [report.stats for report in reports],
+            drain=self._drain,
+            shedding=any(report.shedding_workers for report in reports),
+        )
 
     @property
     def closed(self) -> bool:
@@ -131,15 +139,20 @@ class Agent:
             loop.run_forever()
             server.close()
             loop.run_until_complete(server.wait_closed())
-            # Checks still being answered are cut short: their tasks are cancelled.
+            # Checks answer in full as they connect (see _answer), so what is left is asyncio's
+            # own accepting of the last connections: let it finish (each answers its check)
+            # rather than cancel it, which logged CancelledError tracebacks and leaked sockets.
             pending = asyncio.all_tasks(loop)
+            if pending:
+                loop.run_until_complete(asyncio.wait(pending, timeout=_CLOSE_TIMEOUT))
             for task in pending:
-                task.cancel()
-            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+                task.cancel()  # only if something hung; never in practice
         finally:
             loop.close()
 
-    async def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    def _answer(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # A plain callback, not a coroutine: the line is a few bytes that the transport buffers
+        # at once, so there is nothing to await and no task to cancel when the agent closes.
         # HAProxy sends nothing unless configured with agent-send, and reads one line.
         try:
             line = self.reply()
@@ -148,8 +161,7 @@ class Agent:
             line = "up\n"  # say nothing about weight rather than nothing at all
         try:
             writer.write(line.encode("ascii"))
-            await asyncio.wait_for(writer.drain(), _WRITE_TIMEOUT)
-        except (OSError, asyncio.TimeoutError):
+        except OSError:
             pass  # the checker went away; it will ask again
         finally:
             writer.close()

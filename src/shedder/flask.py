@@ -143,7 +143,7 @@ def health_view(throttlers_: Sequence[Throttler] | None = None) -> flask.Respons
     reported = list(throttlers()) if throttlers_ is None else list(throttlers_)
     if not reported:
         # Nothing can shed: healthy, with nothing to report.
-        return _to_flask(_json_response(200, {"status": "ok", "throttlers": {}}))
+        return _to_flask(_json_response(200, {"status": "ok", "throttlers": []}))
     return _to_flask(health_response(reported))
 
 

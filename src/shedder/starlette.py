@@ -206,7 +206,7 @@ def health_endpoint(*reported: Throttler | str) -> Callable[[Request], Awaitable
         head = request.method == "HEAD"
         if not current:
             # Nothing throttles yet, so nothing sheds.
-            response = JSONResponse({"status": "ok", "throttlers": {}})
+            response = JSONResponse({"status": "ok", "throttlers": []})
             if head:
                 response.body = b""
             return response

@@ -10,13 +10,11 @@ import json
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
-from typing import TYPE_CHECKING
 
 from shedder._core.errors import Overloaded
-from shedder._core.throttler import Throttler, ThrottlerStats
+from shedder._core.throttler import Throttler
 
-if TYPE_CHECKING:
-    from .instance import InstanceTable
+from .instance import InstanceStats, InstanceTable
 
 __all__ = [
     "DEFAULT_HEALTH_PATH",
@@ -95,43 +93,47 @@ def shed_response(refusal: Overloaded, status: int = 503) -> HTTPResponse:
 
 def instance_stats(
     throttlers: Sequence[Throttler], table: InstanceTable | None = None
-) -> tuple[list[ThrottlerStats], int | None]:
-    """Snapshots of ``throttlers``: this process's, or the whole instance's through ``table``.
+) -> list[InstanceStats]:
+    """Figures of ``throttlers``: this process's, or the whole instance's through ``table``.
 
-    Returns the snapshots and the number of worker processes summed (None without a table).
-    Publishes this process's throttlers to ``table`` first (once per process).
+    A throttler listed twice is reported once (the first time); distinct throttlers that share
+    a name are each reported. Publishes this process's throttlers to ``table`` first (once per
+    process). Never fails because of the table (see :meth:`InstanceTable.report`).
     """
+    unique = list({id(throttler): throttler for throttler in throttlers}.values())
     if table is None:
-        return [t.stats() for t in throttlers], None
-    table.publish_all(throttlers)
-    snapshots = []
-    workers = 0
-    for throttler in throttlers:
-        stats, summed = table.stats_and_workers(throttler)
-        snapshots.append(stats)
-        workers = max(workers, summed)
-    return snapshots, workers
+        return [InstanceStats(throttler.stats(), None) for throttler in unique]
+    table.publish_all(unique)
+    return [table.report(throttler) for throttler in unique]
 
 
 def health_response(
     throttlers: Sequence[Throttler], table: InstanceTable | None = None
 ) -> HTTPResponse:
-    """``/health/load``: the first throttler's figures at top level, all under ``throttlers``.
+    """``/health/load``: the status of everything, and every throttler's figures.
 
-    200 while every throttler is below its ``shed_threshold``, 503 while any one is shedding.
-    With ``table`` (several worker processes), the figures are the whole instance's, summed
-    over the live workers, and ``workers`` says how many were summed.
+    ``status`` (and the HTTP code: 200 or 503) is the worst over all ``throttlers`` and, with
+    ``table`` (several worker processes), over all workers: one worker that is shedding, or
+    shed within the last second, makes the instance ``"overloaded"``. The other top-level
+    fields are the first throttler's (the adapter's own); ``throttlers`` lists each one's
+    figures, with its own ``status``, and with a table ``workers`` (records summed) and
+    ``shedding_workers``.
     """
     if not throttlers:
         raise ValueError("health_response needs at least one throttler")
-    snapshots, workers = instance_stats(throttlers, table)
-    payload = snapshots[0].as_dict()
-    overloaded = any(s.overloaded for s in snapshots)
+    reports = instance_stats(throttlers, table)
+    entries = []
+    for report in reports:
+        entry = report.stats.as_dict()
+        entry["status"] = "overloaded" if report.overloaded else "ok"
+        if report.workers is not None:
+            entry["workers"] = report.workers
+            entry["shedding_workers"] = report.shedding_workers
+        entries.append(entry)
+    overloaded = any(report.overloaded for report in reports)
+    payload = dict(entries[0])
     payload["status"] = "overloaded" if overloaded else "ok"
-    if len(snapshots) > 1:
-        payload["throttlers"] = {s.name: s.as_dict() for s in snapshots}
-    if workers is not None:
-        payload["workers"] = workers
+    payload["throttlers"] = entries
     return _json_response(503 if overloaded else 200, payload)
 
 
