@@ -553,3 +553,8 @@ def test_import_shedder_wsgi_imports_no_framework() -> None:
         env={"PYTHONPATH": src},
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_misspelt_keyword_is_named_with_the_close_match() -> None:
+    with pytest.raises(TypeError, match=r"'helth_path'; did you mean 'health_path'\?"):
+        LoadSheddingMiddleware(lambda e, s: [], max_concurrency=4, helth_path="/h")  # type: ignore[call-arg]

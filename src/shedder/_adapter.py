@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -9,9 +10,37 @@ from typing import Any
 
 from ._http import HTTPResponse, ShedResponder, normalize_path_rules
 from ._instance import InstanceTable, instance_table
-from ._throttler import Throttler
+from ._throttler import Throttler, ThrottlerOptions
 
-__all__ = ["AdapterSettings", "adapter_settings", "check_status_code"]
+__all__ = ["AdapterSettings", "adapter_settings", "check_status_code", "check_keywords"]
+
+_THROTTLER_KEYWORDS = frozenset(ThrottlerOptions.__annotations__)
+_ADAPTER_KEYWORDS = (
+    "throttler",
+    "health_path",
+    "exempt",
+    "status_code",
+    "responder",
+    "health_throttlers",
+    "metrics_path",
+    "metrics_registry",
+    "live_path",
+    "instance_dir",
+    "limit_websockets",
+)
+
+
+def check_keywords(options: Iterable[str], known: Iterable[str] = ()) -> None:
+    """``TypeError`` naming the first unknown keyword, with the closest known one if any.
+
+    Known: the throttler's keyword arguments, the middlewares' options and ``known``.
+    """
+    names = sorted(_THROTTLER_KEYWORDS.union(_ADAPTER_KEYWORDS, known))
+    for option in options:
+        if option not in names:
+            close = difflib.get_close_matches(option, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"unknown keyword argument {option!r}{hint}")
 
 
 def check_status_code(status_code: object) -> int:
@@ -54,6 +83,7 @@ def adapter_settings(
     instance_dir: str | os.PathLike[str] | None,
 ) -> AdapterSettings:
     """Check a middleware's arguments; ``TypeError``/``ValueError`` name the culprit."""
+    check_keywords(throttler_options)
     if throttler is not None and throttler_options:
         raise TypeError(
             "pass either a throttler or its keyword arguments, not both "

@@ -138,6 +138,9 @@ class LoadSheddingMiddleware:
         for key in ("throttler", "responder"):
             if key in adapter:
                 adapter[key] = _resolve(adapter[key], key)
+        extra = adapter.get("health_throttlers", ())
+        if isinstance(extra, (list, tuple)):
+            adapter["health_throttlers"] = [_resolve(t, "health_throttlers") for t in extra]
         try:
             checked = adapter_settings(
                 adapter.get("throttler"),
