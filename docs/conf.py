@@ -15,7 +15,7 @@ from shedder import __version__  # noqa: E402
 
 project = "shedder"
 author = "The shedder developers"
-copyright = "The shedder developers"  # noqa: A001 - Sphinx's name
+copyright = "The shedder developers"
 release = __version__
 version = __version__
 

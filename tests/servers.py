@@ -84,7 +84,11 @@ def check_saturation(base_url: str, hold: str = "/hold", release: str = "/releas
             refused = client.get(hold)
             assert refused.status_code == 503
             assert refused.headers["retry-after"] == "1"
-            assert refused.json() == {"error": "overloaded", "reason": "queue_full", "retry_after": 1}
+            assert refused.json() == {
+                "error": "overloaded",
+                "reason": "queue_full",
+                "retry_after": 1,
+            }
             health = client.get("/health/load")
             assert health.json()["status"] == "overloaded"
         finally:

@@ -12,7 +12,7 @@ from ._http import HTTPResponse, ShedResponder, normalize_path_rules
 from ._instance import InstanceTable, instance_table
 from ._throttler import Throttler, ThrottlerOptions
 
-__all__ = ["AdapterSettings", "adapter_settings", "check_status_code", "check_keywords"]
+__all__ = ["AdapterSettings", "adapter_settings", "check_keywords", "check_status_code"]
 
 _THROTTLER_KEYWORDS = frozenset(ThrottlerOptions.__annotations__)
 _ADAPTER_KEYWORDS = (

@@ -8,4 +8,9 @@ INSTALLED_APPS: list[str] = []
 DATABASES: dict[str, object] = {}
 USE_TZ = True
 MIDDLEWARE = ["shedder.django.LoadSheddingMiddleware"]
-SHEDDER = {"max_concurrency": 1, "max_queue": 0, "exempt": ["/release", "/arelease"], "name": "django"}
+SHEDDER = {
+    "max_concurrency": 1,
+    "max_queue": 0,
+    "exempt": ["/release", "/arelease"],
+    "name": "django",
+}
