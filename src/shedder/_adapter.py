@@ -115,7 +115,14 @@ def adapter_settings(
     metrics: Callable[[Any, str | None], HTTPResponse] | None = None
     if metrics_path is not None:
         # Import now so a missing extra fails at start-up, not on the first scrape.
+        from .prometheus import ensure_instrumented
         from .prometheus import metrics_response as metrics
+
+        # Metrics by default: the endpoint serves every throttler this adapter reports. With
+        # Starlette's add_middleware the adapter is built on the first request, so at the
+        # latest the first scrape finds them instrumented.
+        for reported in (throttler, *health_throttlers):
+            ensure_instrumented(reported, registry=metrics_registry)
 
     exact, prefixes = normalize_path_rules(exempt)
     return AdapterSettings(
