@@ -16,6 +16,7 @@ The backpressure toolkit needs no web app: bounded queues (:class:`BlockingQueue
 
 from ._batching import AdaptiveBatchSizer
 from ._errors import Overloaded, ShedReason
+from ._http import HTTPResponse, ShedResponder
 from ._pipeline import Pipeline, PipelineRun
 from ._queues import (
     BlockingQueue,
@@ -54,6 +55,7 @@ __all__ = [
     "BlockingQueue",
     "DropPolicy",
     "DroppingQueue",
+    "HTTPResponse",
     "IterablePublisher",
     "MonitoredQueue",
     "MonitoredQueueStats",
@@ -66,6 +68,7 @@ __all__ = [
     "QueuePolicy",
     "QueueStats",
     "ShedReason",
+    "ShedResponder",
     "Subscriber",
     "Subscription",
     "SupportsLoad",

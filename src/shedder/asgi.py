@@ -18,6 +18,7 @@ from ._http import (
     DEFAULT_HEALTH_PATH,
     DEFAULT_LIVE_PATH,
     HTTPResponse,
+    ShedLog,
     ShedResponder,
     health_response,
     live_response,
@@ -168,6 +169,7 @@ class LoadSheddingMiddleware:
         self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
         self._status_code = status_code
         self._responder = responder
+        self._shed_log = ShedLog(self.throttler.name)
         self._health_throttlers = settings.health_throttlers
         self._metrics_registry = metrics_registry
         self._metrics_response = settings.metrics_response
@@ -326,6 +328,7 @@ class LoadSheddingMiddleware:
     # -- responses ------------------------------------------------------------------------------
 
     async def _refuse(self, refusal: Overloaded, send: Send) -> None:
+        self._shed_log(refusal)
         status, headers, body = self._refusal(refusal)
         await _send_response(send, status, headers, body)
 

@@ -33,6 +33,7 @@ from ._http import (
     DEFAULT_HEALTH_PATH,
     DEFAULT_LIVE_PATH,
     HTTPResponse,
+    ShedLog,
     ShedResponder,
     health_response,
     live_response,
@@ -160,7 +161,14 @@ class LoadSheddingMiddleware:
         self.get_response = get_response
         self.throttler = checked.throttler
         self._settings = checked
-        self._responder: ShedResponder = checked.responder or self._default_responder
+        respond: ShedResponder = checked.responder or self._default_responder
+        shed_log = ShedLog(self.throttler.name)
+
+        def log_and_respond(refusal: Overloaded) -> HTTPResponse:
+            shed_log(refusal)
+            return respond(refusal)
+
+        self._responder: ShedResponder = log_and_respond
         self._endpoints: dict[str, Callable[[HttpRequest], HTTPResponse]] = {}
         for path, build in (
             (checked.metrics_path, self._metrics),
