@@ -148,7 +148,9 @@ def test_a_port_left_in_time_wait_is_free() -> None:
     # The demo's own connections of the previous step linger in TIME_WAIT on the port; the
     # check must not take them for another process (the servers bind with SO_REUSEADDR too).
     with socket.socket() as listener:
-        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn's and gunicorn's
+        listener.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as uvicorn's and gunicorn's
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         port = listener.getsockname()[1]

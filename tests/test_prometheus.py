@@ -52,12 +52,21 @@ def assert_matches_stats(samples: Samples, throttler: Throttler) -> None:
     name = throttler.name
     assert value(samples, "shedder_throttler_in_flight", throttler=name) == stats.in_flight
     assert value(samples, "shedder_throttler_queued", throttler=name) == stats.queued
-    assert value(samples, "shedder_throttler_concurrency_limit", throttler=name) == stats.max_concurrency
+    assert (
+        value(samples, "shedder_throttler_concurrency_limit", throttler=name)
+        == stats.max_concurrency
+    )
     assert value(samples, "shedder_throttler_queue_limit", throttler=name) == stats.max_queue
-    assert value(samples, "shedder_throttler_admitted_total", throttler=name) == stats.admitted_total
-    assert value(samples, "shedder_throttler_cancelled_total", throttler=name) == stats.cancelled_total
+    assert (
+        value(samples, "shedder_throttler_admitted_total", throttler=name) == stats.admitted_total
+    )
+    assert (
+        value(samples, "shedder_throttler_cancelled_total", throttler=name) == stats.cancelled_total
+    )
     for reason, count in stats.shed_total.items():
-        assert value(samples, "shedder_throttler_shed_total", throttler=name, reason=reason) == count
+        assert (
+            value(samples, "shedder_throttler_shed_total", throttler=name, reason=reason) == count
+        )
     # Every admission is observed, fast path included.
     assert value(samples, "shedder_throttler_queue_wait_seconds_count", throttler=name) == (
         stats.admitted_total
@@ -133,9 +142,9 @@ def test_values_match_stats_while_in_flight_queued_and_shedding(
     assert value(samples, "shedder_throttler_slot_hold_seconds_count", throttler="api") == 2
     # Two fast-path admissions (0 s); the two waiters waited > 0, recorded in the sum.
     assert value(samples, "shedder_throttler_queue_wait_seconds_count", throttler="api") == 4
-    assert value(samples, "shedder_throttler_queue_wait_seconds_sum", throttler="api") == pytest.approx(
-        sum(p.waited for p in waiter_permits)
-    )
+    assert value(
+        samples, "shedder_throttler_queue_wait_seconds_sum", throttler="api"
+    ) == pytest.approx(sum(p.waited for p in waiter_permits))
 
     finish.set()
     for thread in threads:
@@ -278,7 +287,9 @@ def test_detach_removes_the_series_and_the_listener(registry: CollectorRegistry)
     metrics.detach()
     metrics.detach()  # idempotent
     assert not metrics.attached
-    assert ("shedder_throttler_in_flight", frozenset({("throttler", "gone")})) not in scrape(registry)
+    assert ("shedder_throttler_in_flight", frozenset({("throttler", "gone")})) not in scrape(
+        registry
+    )
     assert throttler._listeners == ()
     # The name is free again.
     again = instrument(throttler, registry=registry)
@@ -311,7 +322,9 @@ def test_a_garbage_collected_throttler_frees_its_name(registry: CollectorRegistr
     instrument(Throttler(max_concurrency=1, name="temp"), registry=registry)
     # The handle was dropped and nothing else holds the throttler.
     gc.collect()
-    assert ("shedder_throttler_in_flight", frozenset({("throttler", "temp")})) not in scrape(registry)
+    assert ("shedder_throttler_in_flight", frozenset({("throttler", "temp")})) not in scrape(
+        registry
+    )
     instrument(Throttler(max_concurrency=1, name="temp"), registry=registry)
 
 
@@ -526,12 +539,17 @@ def test_gunicorn_two_workers_aggregate_in_multiprocess_mode(
             shed += 1
 
         samples = _scrape_url(url)
-        assert value(samples, "shedder_throttler_in_flight", throttler="app") == 2  # livesum over workers
+        assert (
+            value(samples, "shedder_throttler_in_flight", throttler="app") == 2
+        )  # livesum over workers
         assert value(samples, "shedder_throttler_queued", throttler="app") == 0
         assert value(samples, "shedder_throttler_concurrency_limit", throttler="app") == 2
         assert value(samples, "shedder_throttler_queue_limit", throttler="app") == 0
         assert value(samples, "shedder_throttler_admitted_total", throttler="app") == 2
-        assert value(samples, "shedder_throttler_shed_total", throttler="app", reason="queue_full") == shed
+        assert (
+            value(samples, "shedder_throttler_shed_total", throttler="app", reason="queue_full")
+            == shed
+        )
         assert value(samples, "shedder_throttler_queue_wait_seconds_count", throttler="app") == 2
 
         for conn in holders.values():
@@ -543,7 +561,9 @@ def test_gunicorn_two_workers_aggregate_in_multiprocess_mode(
     assert value(samples, "shedder_throttler_in_flight", throttler="app") == 0
     assert value(samples, "shedder_throttler_admitted_total", throttler="app") == 2
     assert value(samples, "shedder_throttler_slot_hold_seconds_count", throttler="app") == 2
-    assert value(samples, "shedder_throttler_shed_total", throttler="app", reason="queue_full") == shed
+    assert (
+        value(samples, "shedder_throttler_shed_total", throttler="app", reason="queue_full") == shed
+    )
 
 
 def test_metrics_path_serves_every_reported_throttler_from_the_first_scrape() -> None:

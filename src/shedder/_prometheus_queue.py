@@ -103,8 +103,9 @@ def instrument_queue(
     ``{prefix}queue_put_total``,
     ``{prefix}queue_get_total``, ``{prefix}queue_dropped_total`` and the histogram
     ``{prefix}queue_put_wait_seconds``. The queue is held weakly: once collected, it disappears
-    from the export. For throughput, take ``rate()`` of the counters. Returns ``queue``. Raises ``ValueError`` if ``name`` is already used in
-    ``registry`` (default: the global one) and ``TypeError`` for a queue that is not monitored.
+    from the export. For throughput, take ``rate()`` of the counters. Returns ``queue``.
+    Raises ``ValueError`` if ``name`` is already used in ``registry`` (default: the global
+    one) and ``TypeError`` for a queue that is not monitored.
     """
     if not isinstance(queue, MonitoredQueue):
         raise TypeError(f"queue must be a shedder MonitoredQueue, got {type(queue).__name__}")
