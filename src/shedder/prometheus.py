@@ -534,8 +534,7 @@ def ensure_instrumented(throttler: Throttler, *, registry: Any = None) -> bool:
     ``/metrics`` serves them from the first scrape without an ``instrument()`` of your own (one
     of your own made before, with the default prefix, is kept). A *different* live throttler
     already instrumented under the same name keeps its series: this one is skipped with a
-    warning on the
-    ``shedder`` logger (give each throttler its own ``name=``).
+    warning on the ``shedder`` logger (give each throttler its own ``name=``).
     """
     registry = prometheus_client.REGISTRY if registry is None else registry
     with _families_lock:
