@@ -581,3 +581,10 @@ def test_shedder_asgi_imports_no_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_misspelt_keyword_is_named_with_the_close_match() -> None:
+    async def app(scope: Any, receive: Any, send: Any) -> None: ...
+
+    with pytest.raises(TypeError, match=r"'max_concurency'; did you mean 'max_concurrency'\?"):
+        LoadSheddingMiddleware(app, max_concurency=4)  # type: ignore[call-arg]

@@ -144,6 +144,24 @@ def test_port_in_use_is_a_clear_error() -> None:
             check_port_free(port)
 
 
+def test_a_port_left_in_time_wait_is_free() -> None:
+    # The demo's own connections of the previous step linger in TIME_WAIT on the port; the
+    # check must not take them for another process (the servers bind with SO_REUSEADDR too).
+    with socket.socket() as listener:
+        listener.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as uvicorn's and gunicorn's
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        client = socket.create_connection(("127.0.0.1", port))
+        accepted, _ = listener.accept()
+        accepted.close()  # the server side closes first: its end goes to TIME_WAIT
+        client.recv(1)  # sees the FIN
+        client.close()
+    check_port_free(port)  # no PortInUse
+
+
 def test_target_commands() -> None:
     asgi = Target("a", "a", "uvicorn", AppSettings(), server_args=("--limit-concurrency", "16"))
     command = asgi.command(8123)
@@ -352,12 +370,25 @@ def test_demo_without_the_extra_names_the_install_command() -> None:
     assert "Traceback" not in result.stderr
 
 
-def test_demo_rejects_a_bad_option() -> None:
+@pytest.mark.parametrize("seconds", ["0", "1.5", "2", "nan"])
+def test_demo_rejects_steps_too_short_to_measure(
+    seconds: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     from shedder.__main__ import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(["demo", "--seconds", "0"])
+        main(["demo", "--seconds", seconds])
     assert exit_info.value.code == 2
+    assert "--seconds must be more than 2" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    from shedder.__main__ import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"shedder {shedder.__version__}"
 
 
 def test_side_by_side_has_a_line_per_load() -> None:

@@ -244,3 +244,23 @@ def test_async_views_run_under_flask_with_the_extra(heavy: Throttler) -> None:
     with app.test_client().get("/async") as response:
         assert (response.status_code, response.get_data()) == (200, b"async done")
     assert heavy.in_flight == 0
+
+
+def test_shed_load_above_the_route_decorator_is_an_error() -> None:
+    app = flask.Flask(__name__)
+    with pytest.raises(TypeError, match=r"above the route decorator of .*misplaced"):
+
+        @shed_load(Throttler(max_concurrency=1))
+        @app.get("/items")
+        def misplaced() -> str:
+            return "items"
+
+
+def test_shed_load_outside_flask_says_so() -> None:
+    # Quart runs views outside any Flask application context: refuse clearly, not with a 500.
+    @shed_load(Throttler(max_concurrency=1))
+    def view() -> str:
+        return "ok"
+
+    with pytest.raises(RuntimeError, match=r"Flask views only.*Quart"):
+        view()

@@ -33,3 +33,13 @@ def test_public_api_is_exported_and_typed() -> None:
         assert hasattr(shedder, name), name
     assert (Path(shedder.__file__).parent / "py.typed").is_file()
     assert shedder.__version__
+
+
+def test_the_responder_types_are_public() -> None:
+    from shedder import HTTPResponse, Overloaded, ShedResponder
+
+    def respond(refusal: Overloaded) -> HTTPResponse:
+        return HTTPResponse(503, (("retry-after", str(refusal.retry_after)),), b"busy")
+
+    responder: ShedResponder = respond
+    assert responder(Overloaded("queue_full", 2)).headers == (("retry-after", "2"),)

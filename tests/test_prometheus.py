@@ -50,16 +50,25 @@ def value(samples: Samples, name: str, **labels: str) -> float:
 def assert_matches_stats(samples: Samples, throttler: Throttler) -> None:
     stats = throttler.stats()
     name = throttler.name
-    assert value(samples, "shedder_in_flight", throttler=name) == stats.in_flight
-    assert value(samples, "shedder_queued", throttler=name) == stats.queued
-    assert value(samples, "shedder_concurrency_limit", throttler=name) == stats.max_concurrency
-    assert value(samples, "shedder_queue_limit", throttler=name) == stats.max_queue
-    assert value(samples, "shedder_admitted_total", throttler=name) == stats.admitted_total
-    assert value(samples, "shedder_cancelled_total", throttler=name) == stats.cancelled_total
+    assert value(samples, "shedder_throttler_in_flight", throttler=name) == stats.in_flight
+    assert value(samples, "shedder_throttler_queued", throttler=name) == stats.queued
+    assert (
+        value(samples, "shedder_throttler_concurrency_limit", throttler=name)
+        == stats.max_concurrency
+    )
+    assert value(samples, "shedder_throttler_queue_limit", throttler=name) == stats.max_queue
+    assert (
+        value(samples, "shedder_throttler_admitted_total", throttler=name) == stats.admitted_total
+    )
+    assert (
+        value(samples, "shedder_throttler_cancelled_total", throttler=name) == stats.cancelled_total
+    )
     for reason, count in stats.shed_total.items():
-        assert value(samples, "shedder_shed_total", throttler=name, reason=reason) == count
+        assert (
+            value(samples, "shedder_throttler_shed_total", throttler=name, reason=reason) == count
+        )
     # Every admission is observed, fast path included.
-    assert value(samples, "shedder_queue_wait_seconds_count", throttler=name) == (
+    assert value(samples, "shedder_throttler_queue_wait_seconds_count", throttler=name) == (
         stats.admitted_total
     )
 
@@ -117,9 +126,9 @@ def test_values_match_stats_while_in_flight_queued_and_shedding(
 
     samples = scrape(registry)
     assert_matches_stats(samples, throttler)
-    assert value(samples, "shedder_in_flight", throttler="api") == 2
-    assert value(samples, "shedder_queued", throttler="api") == 2
-    assert value(samples, "shedder_shed_total", throttler="api", reason="queue_full") == 1
+    assert value(samples, "shedder_throttler_in_flight", throttler="api") == 2
+    assert value(samples, "shedder_throttler_queued", throttler="api") == 2
+    assert value(samples, "shedder_throttler_shed_total", throttler="api", reason="queue_full") == 1
 
     # Each release hands its slot straight to a waiter.
     for permit in held:
@@ -128,22 +137,22 @@ def test_values_match_stats_while_in_flight_queued_and_shedding(
         assert admitted.acquire(timeout=10)
     samples = scrape(registry)
     assert_matches_stats(samples, throttler)
-    assert value(samples, "shedder_queued", throttler="api") == 0
-    assert value(samples, "shedder_in_flight", throttler="api") == 2
-    assert value(samples, "shedder_slot_hold_seconds_count", throttler="api") == 2
+    assert value(samples, "shedder_throttler_queued", throttler="api") == 0
+    assert value(samples, "shedder_throttler_in_flight", throttler="api") == 2
+    assert value(samples, "shedder_throttler_slot_hold_seconds_count", throttler="api") == 2
     # Two fast-path admissions (0 s); the two waiters waited > 0, recorded in the sum.
-    assert value(samples, "shedder_queue_wait_seconds_count", throttler="api") == 4
-    assert value(samples, "shedder_queue_wait_seconds_sum", throttler="api") == pytest.approx(
-        sum(p.waited for p in waiter_permits)
-    )
+    assert value(samples, "shedder_throttler_queue_wait_seconds_count", throttler="api") == 4
+    assert value(
+        samples, "shedder_throttler_queue_wait_seconds_sum", throttler="api"
+    ) == pytest.approx(sum(p.waited for p in waiter_permits))
 
     finish.set()
     for thread in threads:
         thread.join(10)
     samples = scrape(registry)
     assert_matches_stats(samples, throttler)
-    assert value(samples, "shedder_in_flight", throttler="api") == 0
-    assert value(samples, "shedder_slot_hold_seconds_count", throttler="api") == 4
+    assert value(samples, "shedder_throttler_in_flight", throttler="api") == 0
+    assert value(samples, "shedder_throttler_slot_hold_seconds_count", throttler="api") == 4
 
 
 @pytest.mark.parametrize("multiprocess", MODES)
@@ -168,14 +177,14 @@ def test_overloaded_and_queue_timeout_are_counted_by_reason(
         assert overloaded.value.reason == "overloaded"
         samples = scrape(registry)
         assert_matches_stats(samples, throttler)
-        assert value(samples, "shedder_queued", throttler="t") == 1
+        assert value(samples, "shedder_throttler_queued", throttler="t") == 1
     thread.join(10)
     samples = scrape(registry)
     assert_matches_stats(samples, throttler)
     for reason in ("overloaded", "queue_timeout"):
-        assert value(samples, "shedder_shed_total", throttler="t", reason=reason) == 1
+        assert value(samples, "shedder_throttler_shed_total", throttler="t", reason=reason) == 1
     # The thread took the handed-over slot and never released it.
-    assert value(samples, "shedder_in_flight", throttler="t") == 1
+    assert value(samples, "shedder_throttler_in_flight", throttler="t") == 1
 
 
 @pytest.mark.parametrize("multiprocess", MODES)
@@ -189,14 +198,14 @@ async def test_cancelled_waiter_leaves_queue_and_is_counted(
     async with throttler:
         task = asyncio.create_task(throttler.acquire_async())
         await asyncio.to_thread(watch.wait_for, 1)
-        assert value(scrape(registry), "shedder_queued", throttler="async") == 1
+        assert value(scrape(registry), "shedder_throttler_queued", throttler="async") == 1
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
         samples = scrape(registry)
         assert_matches_stats(samples, throttler)
-        assert value(samples, "shedder_queued", throttler="async") == 0
-        assert value(samples, "shedder_cancelled_total", throttler="async") == 1
+        assert value(samples, "shedder_throttler_queued", throttler="async") == 0
+        assert value(samples, "shedder_throttler_cancelled_total", throttler="async") == 1
     assert_matches_stats(scrape(registry), throttler)
 
 
@@ -225,8 +234,8 @@ def test_gauges_return_to_zero_after_racing_threads(
         thread.join(30)
     samples = scrape(registry)
     assert_matches_stats(samples, throttler)
-    assert value(samples, "shedder_in_flight", throttler="race") == 0
-    assert value(samples, "shedder_queued", throttler="race") == 0
+    assert value(samples, "shedder_throttler_in_flight", throttler="race") == 0
+    assert value(samples, "shedder_throttler_queued", throttler="race") == 0
     stats = throttler.stats()
     assert stats.admitted_total + sum(stats.shed_total.values()) == 6 * 300
 
@@ -240,12 +249,12 @@ def test_hold_histogram_puts_a_long_hold_in_the_right_buckets(registry: Collecto
     threading.Timer(0.02, lambda: (permit.release(), done.set())).start()
     assert done.wait(10)
     samples = scrape(registry)
-    bucket = "shedder_slot_hold_seconds_bucket"
+    bucket = "shedder_throttler_slot_hold_seconds_bucket"
     assert value(samples, bucket, throttler="hold", le="0.001") == 0
     assert value(samples, bucket, throttler="hold", le="0.01") == 0
     assert value(samples, bucket, throttler="hold", le="+Inf") == 1
-    assert value(samples, "shedder_slot_hold_seconds_sum", throttler="hold") >= 0.02
-    wait_bucket = "shedder_queue_wait_seconds_bucket"
+    assert value(samples, "shedder_throttler_slot_hold_seconds_sum", throttler="hold") >= 0.02
+    wait_bucket = "shedder_throttler_queue_wait_seconds_bucket"
     assert value(samples, wait_bucket, throttler="hold", le="0.001") == 1
 
 
@@ -262,7 +271,7 @@ def test_several_throttlers_share_one_registry(
         samples = scrape(registry)
         assert_matches_stats(samples, global_throttler)
         assert_matches_stats(samples, route)
-        assert value(samples, "app_in_flight", throttler="/upload") == 1
+        assert value(samples, "app_throttler_in_flight", throttler="/upload") == 1
     assert other.prefix == "app_"
     same_name = Throttler(max_concurrency=1, name="global")
     with pytest.raises(ValueError, match="'global' is already instrumented"):
@@ -274,11 +283,13 @@ def test_several_throttlers_share_one_registry(
 def test_detach_removes_the_series_and_the_listener(registry: CollectorRegistry) -> None:
     throttler = Throttler(max_concurrency=1, name="gone")
     metrics = instrument(throttler, registry=registry)
-    assert ("shedder_in_flight", frozenset({("throttler", "gone")})) in scrape(registry)
+    assert ("shedder_throttler_in_flight", frozenset({("throttler", "gone")})) in scrape(registry)
     metrics.detach()
     metrics.detach()  # idempotent
     assert not metrics.attached
-    assert ("shedder_in_flight", frozenset({("throttler", "gone")})) not in scrape(registry)
+    assert ("shedder_throttler_in_flight", frozenset({("throttler", "gone")})) not in scrape(
+        registry
+    )
     assert throttler._listeners == ()
     # The name is free again.
     again = instrument(throttler, registry=registry)
@@ -289,29 +300,31 @@ def test_objects_detach_zeroes_this_process_gauges(registry: CollectorRegistry) 
     throttler = Throttler(max_concurrency=3, name="mp")
     metrics = instrument(throttler, registry=registry, multiprocess=True)
     permit = throttler.acquire()
-    assert value(scrape(registry), "shedder_in_flight", throttler="mp") == 1
+    assert value(scrape(registry), "shedder_throttler_in_flight", throttler="mp") == 1
     metrics.detach()
     permit.release()
     samples = scrape(registry)
-    assert value(samples, "shedder_in_flight", throttler="mp") == 0
-    assert value(samples, "shedder_concurrency_limit", throttler="mp") == 0
-    assert value(samples, "shedder_admitted_total", throttler="mp") == 1
+    assert value(samples, "shedder_throttler_in_flight", throttler="mp") == 0
+    assert value(samples, "shedder_throttler_concurrency_limit", throttler="mp") == 0
+    assert value(samples, "shedder_throttler_admitted_total", throttler="mp") == 1
 
 
 def test_instrumenting_a_busy_throttler_starts_from_its_state(registry: CollectorRegistry) -> None:
     throttler = Throttler(max_concurrency=2, name="busy")
     permit = throttler.acquire()
     instrument(throttler, registry=registry, multiprocess=True)
-    assert value(scrape(registry), "shedder_in_flight", throttler="busy") == 1
+    assert value(scrape(registry), "shedder_throttler_in_flight", throttler="busy") == 1
     permit.release()
-    assert value(scrape(registry), "shedder_in_flight", throttler="busy") == 0
+    assert value(scrape(registry), "shedder_throttler_in_flight", throttler="busy") == 0
 
 
 def test_a_garbage_collected_throttler_frees_its_name(registry: CollectorRegistry) -> None:
     instrument(Throttler(max_concurrency=1, name="temp"), registry=registry)
     # The handle was dropped and nothing else holds the throttler.
     gc.collect()
-    assert ("shedder_in_flight", frozenset({("throttler", "temp")})) not in scrape(registry)
+    assert ("shedder_throttler_in_flight", frozenset({("throttler", "temp")})) not in scrape(
+        registry
+    )
     instrument(Throttler(max_concurrency=1, name="temp"), registry=registry)
 
 
@@ -526,13 +539,18 @@ def test_gunicorn_two_workers_aggregate_in_multiprocess_mode(
             shed += 1
 
         samples = _scrape_url(url)
-        assert value(samples, "shedder_in_flight", throttler="app") == 2  # livesum over workers
-        assert value(samples, "shedder_queued", throttler="app") == 0
-        assert value(samples, "shedder_concurrency_limit", throttler="app") == 2
-        assert value(samples, "shedder_queue_limit", throttler="app") == 0
-        assert value(samples, "shedder_admitted_total", throttler="app") == 2
-        assert value(samples, "shedder_shed_total", throttler="app", reason="queue_full") == shed
-        assert value(samples, "shedder_queue_wait_seconds_count", throttler="app") == 2
+        assert (
+            value(samples, "shedder_throttler_in_flight", throttler="app") == 2
+        )  # livesum over workers
+        assert value(samples, "shedder_throttler_queued", throttler="app") == 0
+        assert value(samples, "shedder_throttler_concurrency_limit", throttler="app") == 2
+        assert value(samples, "shedder_throttler_queue_limit", throttler="app") == 0
+        assert value(samples, "shedder_throttler_admitted_total", throttler="app") == 2
+        assert (
+            value(samples, "shedder_throttler_shed_total", throttler="app", reason="queue_full")
+            == shed
+        )
+        assert value(samples, "shedder_throttler_queue_wait_seconds_count", throttler="app") == 2
 
         for conn in holders.values():
             conn.close()
@@ -540,7 +558,59 @@ def test_gunicorn_two_workers_aggregate_in_multiprocess_mode(
         assert bodies == set(holders)
 
     samples = _scrape_url(url)
-    assert value(samples, "shedder_in_flight", throttler="app") == 0
-    assert value(samples, "shedder_admitted_total", throttler="app") == 2
-    assert value(samples, "shedder_slot_hold_seconds_count", throttler="app") == 2
-    assert value(samples, "shedder_shed_total", throttler="app", reason="queue_full") == shed
+    assert value(samples, "shedder_throttler_in_flight", throttler="app") == 0
+    assert value(samples, "shedder_throttler_admitted_total", throttler="app") == 2
+    assert value(samples, "shedder_throttler_slot_hold_seconds_count", throttler="app") == 2
+    assert (
+        value(samples, "shedder_throttler_shed_total", throttler="app", reason="queue_full") == shed
+    )
+
+
+def test_metrics_path_serves_every_reported_throttler_from_the_first_scrape() -> None:
+    # No instrument() call: add_middleware builds the middleware on the first request, and
+    # that first request is the scrape itself.
+    import asyncio
+
+    import httpx
+    from starlette.applications import Starlette
+
+    from shedder.asgi import LoadSheddingMiddleware
+
+    registry = CollectorRegistry()
+    reports = Throttler(max_concurrency=1, name="reports-route")
+    app = Starlette()
+    app.add_middleware(
+        LoadSheddingMiddleware,
+        max_concurrency=2,
+        name="app-wide",
+        health_throttlers=[reports],
+        metrics_path="/metrics",
+        metrics_registry=registry,
+    )
+
+    async def first_scrape() -> str:
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return (await client.get("/metrics")).text
+
+    text = asyncio.run(first_scrape())
+    assert 'shedder_throttler_concurrency_limit{throttler="app-wide"} 2.0' in text
+    assert 'shedder_throttler_concurrency_limit{throttler="reports-route"} 1.0' in text
+
+
+def test_metrics_path_keeps_an_instrument_of_your_own(caplog: pytest.LogCaptureFixture) -> None:
+    from shedder.wsgi import LoadSheddingMiddleware
+
+    registry = CollectorRegistry()
+    throttler = Throttler(max_concurrency=1, name="mine")
+    metrics = instrument(throttler, registry=registry)
+    LoadSheddingMiddleware(
+        lambda e, s: [], throttler, metrics_path="/metrics", metrics_registry=registry
+    )
+    assert metrics.attached
+    namesake = Throttler(max_concurrency=1, name="mine")
+    LoadSheddingMiddleware(
+        lambda e, s: [], namesake, metrics_path="/metrics", metrics_registry=registry
+    )
+    assert "another one already has that name" in caplog.text
+    assert value(scrape(registry), "shedder_throttler_concurrency_limit", throttler="mine") == 1

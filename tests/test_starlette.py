@@ -252,3 +252,16 @@ async def test_fastapi_keeps_the_signature_dependencies_body_and_openapi() -> No
     assert {p["name"] for p in get["parameters"]} == {"word", "times"}
     assert route_throttler.in_flight == 0
     assert app_throttler.in_flight == 0
+
+
+def test_shed_load_above_the_route_decorator_is_an_error() -> None:
+    from fastapi import FastAPI
+
+    app = FastAPI()
+    throttler = Throttler(max_concurrency=1)
+    with pytest.raises(TypeError, match=r"above the route decorator of .*misplaced.*'/items'"):
+
+        @shed_load(throttler)
+        @app.get("/items")
+        async def misplaced() -> dict[str, int]:
+            return {}

@@ -553,3 +553,38 @@ def test_import_shedder_wsgi_imports_no_framework() -> None:
         env={"PYTHONPATH": src},
     )
     assert out.stdout.strip() == "[]"
+
+
+def test_a_misspelt_keyword_is_named_with_the_close_match() -> None:
+    with pytest.raises(TypeError, match=r"'helth_path'; did you mean 'health_path'\?"):
+        LoadSheddingMiddleware(lambda e, s: [], max_concurrency=4, helth_path="/h")  # type: ignore[call-arg]
+
+
+def test_sheds_are_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shedder._web.http
+
+    now = [100.0]
+    monkeypatch.setattr(shedder._web.http.time, "monotonic", lambda: now[0])
+    throttler = Throttler(max_concurrency=1, max_queue=0, name="logged")
+    app = LoadSheddingMiddleware(lambda environ, start_response: [b"ok"], throttler)
+
+    def call() -> str:
+        env: dict[str, Any] = {}
+        wsgiref.util.setup_testing_defaults(env)
+        statuses: list[str] = []
+        body = app(env, lambda status, headers, exc_info=None: statuses.append(status))
+        list(body)
+        return statuses[0]
+
+    with caplog.at_level("WARNING", logger="shedder"), throttler:
+        assert [call() for _ in range(3)] == ["503 Service Unavailable"] * 3
+        now[0] += shedder._web.http.SHED_LOG_INTERVAL
+        call()
+    records = [r for r in caplog.records if r.name == "shedder"]
+    assert len(records) == 2  # the first refusal, then one line for the next interval
+    assert records[0].shedder_throttler == "logged"  # type: ignore[attr-defined]
+    assert records[0].shedder_reason == "queue_full"  # type: ignore[attr-defined]
+    assert records[1].shedder_suppressed == 2  # type: ignore[attr-defined]
+    assert "2 more shed since the last line" in records[1].getMessage()

@@ -14,15 +14,20 @@ The backpressure toolkit needs no web app: bounded queues (:class:`BlockingQueue
 :class:`AdaptiveBatchSizer`.
 """
 
+from ._core.disciplines import FIFO, LIFO, CoDel, Discipline
 from ._core.errors import Overloaded, ShedReason
 from ._core.throttler import (
+    DEFAULT_PRIORITIES,
     SHED_REASONS,
+    Outcome,
     Permit,
     Throttler,
     ThrottlerListener,
     ThrottlerStats,
+    Waiting,
     throttlers,
 )
+from ._core.wire import REFUSED_HEADER, current_deadline, deadline_scope
 from ._toolkit.batching import AdaptiveBatchSizer
 from ._toolkit.pipeline import Pipeline, PipelineRun
 from ._toolkit.queues import (
@@ -45,18 +50,31 @@ from ._toolkit.streams import (
     iterate,
 )
 from ._version import __version__
+from ._web.deadlines import Deadlines
+from ._web.gate import Classification, Request
+from ._web.http import HTTPResponse, ShedResponder
 
 __all__ = [
+    "DEFAULT_PRIORITIES",
+    "FIFO",
+    "LIFO",
+    "REFUSED_HEADER",
     "SHED_REASONS",
     "UNBOUNDED",
     "AdaptiveBatchSizer",
     "AdaptiveSampler",
     "BlockingQueue",
+    "Classification",
+    "CoDel",
+    "Deadlines",
+    "Discipline",
     "DropPolicy",
     "DroppingQueue",
+    "HTTPResponse",
     "IterablePublisher",
     "MonitoredQueue",
     "MonitoredQueueStats",
+    "Outcome",
     "Overloaded",
     "Permit",
     "Pipeline",
@@ -65,14 +83,19 @@ __all__ = [
     "PublisherIterator",
     "QueuePolicy",
     "QueueStats",
+    "Request",
     "ShedReason",
+    "ShedResponder",
     "Subscriber",
     "Subscription",
     "SupportsLoad",
     "Throttler",
     "ThrottlerListener",
     "ThrottlerStats",
+    "Waiting",
     "__version__",
+    "current_deadline",
+    "deadline_scope",
     "iterate",
     "throttlers",
 ]

@@ -12,15 +12,21 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from ._version import __version__
+
 __all__ = ["main"]
 
 DEMO_HINT = 'shedder demo needs the demo extra: pip install "loadshedder[demo]"'
+# Each step's first and last second are not counted (the runner's warm-up and cool-down), so a
+# step must be longer than both together for anything to be measured.
+MIN_SECONDS = 2.0
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="shedder", description="shedder: load shedding for Python web services."
     )
+    parser.add_argument("--version", action="version", version=f"shedder {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     demo = commands.add_parser(
         "demo",
@@ -36,7 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         "--seconds",
         type=float,
         default=6.0,
-        help="seconds of load per step (default 6: about a minute in all)",
+        help=f"seconds of load per step, more than {MIN_SECONDS:g} (default 6: about a minute)",
     )
     demo.add_argument(
         "--long", action="store_true", help="15 s per step and up to 8x (about 3 minutes)"
@@ -61,16 +67,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "demo":
         parser.print_help()
         return 2
+    if not args.seconds > MIN_SECONDS:  # also refuses nan
+        parser.error(
+            f"--seconds must be more than {MIN_SECONDS:g} (the first and last second of each "
+            f"step are not counted), got {args.seconds:g}"
+        )
+    if args.port is not None and not 0 < args.port < 65536:
+        parser.error(f"--port must be in 1..65535, got {args.port}")
     from ._demo.runner import missing_demo_dependencies
 
     missing = missing_demo_dependencies()
     if missing:
         print(f"{DEMO_HINT}\n(missing: {', '.join(missing)})", file=sys.stderr)
         return 2
-    if args.seconds <= 0:
-        parser.error(f"--seconds must be > 0, got {args.seconds}")
-    if args.port is not None and not 0 < args.port < 65536:
-        parser.error(f"--port must be in 1..65535, got {args.port}")
     return _demo(args)
 
 

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ._core.errors import Overloaded
 from ._core.throttler import Permit, Throttler, ThrottlerOptions, Waiting
+from ._core.wire import _DEADLINE
 from ._web.deadlines import Deadlines
 from ._web.gate import (
     DEFAULT_DEADLINES,
@@ -306,6 +307,9 @@ class LoadSheddingMiddleware:
                 await self._wait_and_call(decision, deadline, scope, receive, send)
             return
 
+        if deadline is not None:
+            await self._call(decision, deadline, scope, receive, send)
+            return
         # The hot path, inlined from _call (one coroutine frame less per request).
         permit = decision
         release = permit.release
@@ -322,8 +326,6 @@ class LoadSheddingMiddleware:
                 release(outcome(status, None))
 
         scope["shedder.permit"] = permit
-        if deadline is not None:
-            scope["shedder.deadline"] = deadline
         try:
             await self.app(scope, receive, send_then_release)
         except BaseException as error:
@@ -376,13 +378,19 @@ class LoadSheddingMiddleware:
                 release(outcome(status, None))
 
         scope["shedder.permit"] = permit
+        token = None
         if deadline is not None:
             scope["shedder.deadline"] = deadline
+            # So that shedder.client calls made by the app end by this request's deadline.
+            token = _DEADLINE.set(deadline)
         try:
             await self.app(scope, receive, send_then_release)
         except BaseException as error:
             release(outcome(status, error))
             raise
+        finally:
+            if token is not None:
+                _DEADLINE.reset(token)
         if not permit._released:
             release(outcome(status, None))
 

@@ -8,6 +8,7 @@ when no middleware is used.
 from __future__ import annotations
 
 import functools
+import gc
 import inspect
 import weakref
 from collections.abc import Awaitable, Callable, Sequence
@@ -52,6 +53,31 @@ def _to_flask(response: HTTPResponse) -> flask.Response:
     return flask.Response(response.body, status=response.status, headers=list(response.headers))
 
 
+def _check_flask() -> None:
+    """A view guarded here must run in a Flask app: Quart's look-alike API is not Flask's."""
+    if not flask.has_app_context():
+        raise RuntimeError(
+            "shedder.flask.shed_load guards Flask views only, and this view runs outside a "
+            "Flask application context (a Quart app?). For Quart, wrap the app instead: "
+            "app.asgi_app = shedder.asgi.LoadSheddingMiddleware(app.asgi_app, ...)"
+        )
+
+
+def _check_not_routed(view: Callable[..., Any]) -> None:
+    """``TypeError`` if ``view`` is already registered in a Flask app: the decorator is above
+    ``@app.route``, which stores the function it is given, so the guard would never run."""
+    for referrer in gc.get_referrers(view):
+        if not isinstance(referrer, dict):
+            continue
+        for owner in gc.get_referrers(referrer):
+            if isinstance(owner, dict) and owner.get("view_functions") is referrer:
+                raise TypeError(
+                    f"shed_load is above the route decorator of {view.__qualname__}, so Flask "
+                    "would call the unguarded function: put @shed_load(...) directly above "
+                    "the def, below @app.route(...) / @app.get(...)"
+                )
+
+
 def shed_load(
     throttler: Throttler,
     *,
@@ -80,11 +106,13 @@ def shed_load(
     orphans = _Reclaimer()
 
     def decorate(view: Callable[P, Any]) -> Callable[P, Any]:
+        _check_not_routed(view)
         if inspect.iscoroutinefunction(view):
             async_view = cast(Callable[P, Awaitable[Any]], view)
 
             @functools.wraps(view)
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> flask.Response:
+                _check_flask()
                 orphans.reclaim()
                 try:
                     permit = await throttler.acquire_async(timeout)
@@ -101,6 +129,7 @@ def shed_load(
 
         @functools.wraps(view)
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> flask.Response:
+            _check_flask()
             orphans.reclaim()
             try:
                 permit = throttler.acquire(timeout)

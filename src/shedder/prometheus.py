@@ -17,6 +17,7 @@ Two implementations behind the same metric names:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import re
@@ -33,6 +34,7 @@ from ._web.http import HTTPResponse
 __all__ = [
     "DEFAULT_BUCKETS",
     "ThrottlerMetrics",
+    "ensure_instrumented",
     "instrument",
     "instrument_queue",
     "metrics_response",
@@ -74,6 +76,11 @@ DEFAULT_BUCKETS: tuple[float, ...] = (
     60.0,
 )
 """Histogram bounds in seconds: from a millisecond (a fast hand-off) to a minute."""
+
+# Every throttler metric is ``<prefix>throttler_<name>``: the subsystem keeps them apart from
+# the toolkit's queue metrics (``<prefix>queue_<name>``, label ``queue``), per Prometheus'
+# namespace_subsystem_name convention.
+_SUBSYSTEM = "throttler_"
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
@@ -186,7 +193,7 @@ class _ThrottlerCollector(Collector):
         self.lock = threading.Lock()
 
     def _families(self) -> dict[str, Any]:
-        p = self.prefix
+        p = self.prefix + _SUBSYSTEM
         label = ["throttler"]
         return {
             "in_flight": GaugeMetricFamily(f"{p}in_flight", _HELP["in_flight"], labels=label),
@@ -248,7 +255,7 @@ class _MetricObjects:
         self.buckets = buckets
         self.names: dict[str, weakref.ref[Throttler]] = {}
         self.lock = threading.Lock()
-        p, label = prefix, ["throttler"]
+        p, label = prefix + _SUBSYSTEM, ["throttler"]
         Gauge, Counter = prometheus_client.Gauge, prometheus_client.Counter
         # livesum for all four gauges: each worker has its own throttler, so the service's
         # in-flight and queued are the sums over live workers, and so are its slots and queue
@@ -445,7 +452,8 @@ def instrument(
         throttler: the throttler to observe; its ``name`` must be unique per registry and
             prefix (``ValueError`` otherwise).
         registry: a ``CollectorRegistry``; default ``prometheus_client.REGISTRY``.
-        prefix: prepended to every metric name (``shedder_in_flight``, ...); may be empty.
+        prefix: the namespace prepended to every metric name (``shedder_`` gives
+            ``shedder_throttler_in_flight``, ...); may be empty.
         multiprocess: use per-event metric objects that prometheus_client's multiprocess mode
             aggregates across workers. Default: True when ``PROMETHEUS_MULTIPROC_DIR`` is set.
             Every throttler of one registry and prefix must use the same mode.
@@ -453,9 +461,10 @@ def instrument(
             :data:`DEFAULT_BUCKETS`. Must match the ones of throttlers already instrumented
             in the same registry and prefix.
 
-    Metrics: gauges ``in_flight``, ``queued``, ``concurrency_limit``, ``queue_limit``;
-    counters ``admitted_total``, ``cancelled_total``, ``shed_total{reason}``; histograms
-    ``queue_wait_seconds`` (every admission, 0 on the fast path) and ``slot_hold_seconds``.
+    Metrics, each ``<prefix>throttler_<name>``: gauges ``in_flight``, ``queued``,
+    ``concurrency_limit``, ``queue_limit``; counters ``admitted_total``, ``cancelled_total``,
+    ``shed_total{reason}``; histograms ``queue_wait_seconds`` (every admission, 0 on the fast
+    path) and ``slot_hold_seconds``.
 
     Raises:
         TypeError: ``throttler`` is not a Throttler, or ``buckets`` is not a sequence.
@@ -500,14 +509,14 @@ def instrument(
             with families.lock:
                 existing = families.entries.get(name)
                 if existing is not None and existing.throttler() is not None:
-                    raise _duplicate(name, prefix)
+                    raise _duplicate(name, prefix, existing.throttler() is throttler)
                 entry = _Entry(throttler, bounds)
                 families.entries[name] = entry
             listener = _CollectorListener(entry.wait, entry.hold)
         else:
             ref = families.names.get(name)
             if ref is not None and ref() is not None:
-                raise _duplicate(name, prefix)
+                raise _duplicate(name, prefix, ref() is throttler)
             families.names[name] = weakref.ref(throttler)
             listener = _ObjectsListener(families, throttler)
         throttler.add_listener(listener)
@@ -517,7 +526,48 @@ def instrument(
     return ThrottlerMetrics(throttler, registry, prefix, multiprocess, families, listener)
 
 
-def _duplicate(name: str, prefix: str) -> ValueError:
+logger = logging.getLogger("shedder")
+
+
+def ensure_instrumented(throttler: Throttler, *, registry: Any = None) -> bool:
+    """:func:`instrument` ``throttler`` with the defaults unless it already is; True if it is now.
+
+    What the middlewares' ``metrics_path`` calls for every throttler they report, so that
+    ``/metrics`` serves them from the first scrape without an ``instrument()`` of your own (one
+    of your own made before, with the default prefix, is kept). A *different* live throttler
+    already instrumented under the same name keeps its series: this one is skipped with a
+    warning on the ``shedder`` logger (give each throttler its own ``name=``).
+    """
+    registry = prometheus_client.REGISTRY if registry is None else registry
+    with _families_lock:
+        families = _families.get(registry, {}).get("shedder_")
+        if families is not None:
+            if isinstance(families, _ThrottlerCollector):
+                with families.lock:
+                    entry = families.entries.get(throttler.name)
+                holder = None if entry is None else entry.throttler()
+            else:
+                ref = families.names.get(throttler.name)
+                holder = None if ref is None else ref()
+            if holder is throttler:
+                return True
+            if holder is not None:
+                logger.warning(
+                    "shedder: not exporting metrics of a second throttler named %r: another "
+                    "one already has that name in this registry; give each its own name=",
+                    throttler.name,
+                )
+                return False
+    instrument(throttler, registry=registry)
+    return True
+
+
+def _duplicate(name: str, prefix: str, same: bool = False) -> ValueError:
+    if same:
+        return ValueError(
+            f"throttler {name!r} is already instrumented in this registry with prefix {prefix!r}"
+            " (a middleware's metrics_path instruments the throttlers it reports by itself)"
+        )
     return ValueError(
         f"a throttler named {name!r} is already instrumented in this registry with prefix"
         f" {prefix!r}; give each throttler its own name=..."

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import inspect
 import weakref
 from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
@@ -63,6 +64,28 @@ def to_response(response: HTTPResponse, *, head: bool = False) -> Response:
     )
 
 
+def _check_not_routed(endpoint: Callable[..., Any]) -> None:
+    """``TypeError`` if ``endpoint`` is already a route's endpoint: the decorator is misplaced.
+
+    ``@app.get`` registers the function it is given and returns it unchanged, so a
+    ``@shed_load`` *above* it would wrap a function the route never calls: no limit, silently.
+    A route (Starlette's ``Route``, FastAPI's ``APIRoute``) keeps the function in its
+    ``endpoint`` attribute; the routes referring to it are found through the garbage
+    collector's referrers, once per decorated endpoint, at import time.
+    """
+    for referrer in gc.get_referrers(endpoint):
+        if (
+            isinstance(referrer, dict)
+            and referrer.get("endpoint") is endpoint
+            and "path" in referrer
+        ):
+            raise TypeError(
+                f"shed_load is above the route decorator of {endpoint.__qualname__} (path "
+                f"{referrer['path']!r}), so the route would call the unguarded function: put "
+                "@shed_load(...) directly above the def, below @app.get(...) / @app.route(...)"
+            )
+
+
 def shed_load(
     throttler: Throttler,
     *,
@@ -101,6 +124,7 @@ def shed_load(
         return to_response(built)
 
     def decorate(endpoint: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
+        _check_not_routed(endpoint)
         if inspect.isgeneratorfunction(endpoint) or inspect.isasyncgenfunction(endpoint):
             raise TypeError(
                 f"shed_load cannot guard generator endpoint {endpoint!r}: return a "

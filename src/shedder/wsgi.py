@@ -18,6 +18,7 @@ from ._web.http import (
     DEFAULT_HEALTH_PATH,
     DEFAULT_LIVE_PATH,
     HTTPResponse,
+    ShedLog,
     ShedResponder,
     health_response,
     live_response,
@@ -106,7 +107,14 @@ class LoadSheddingMiddleware:
         self.live_path = live_path
         self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
         self._status_code = status_code
-        self._responder: ShedResponder = responder or self._default_responder
+        respond: ShedResponder = responder or self._default_responder
+        shed_log = ShedLog(self.throttler.name)
+
+        def log_and_respond(refusal: Overloaded) -> HTTPResponse:
+            shed_log(refusal)
+            return respond(refusal)
+
+        self._responder: ShedResponder = log_and_respond
         self._health_throttlers = settings.health_throttlers
         self._metrics_registry = metrics_registry
         self._metrics_response = settings.metrics_response

@@ -8,8 +8,6 @@ retry loop exists once.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 import email.utils
 import logging
@@ -17,10 +15,12 @@ import math
 import random as _random
 import re
 import time
-from collections.abc import Callable, Collection, Generator, Iterator, Mapping
+from collections.abc import Callable, Collection, Generator, Mapping
 from dataclasses import dataclass, field
 from datetime import timezone
 from typing import Generic, Literal, Protocol, TypeVar, get_args
+
+from shedder._core.wire import _DEADLINE, REFUSED_HEADER, current_deadline, deadline_scope
 
 from .budget import AdaptiveThrottle, ClientThrottled, RetryBudget
 
@@ -47,9 +47,6 @@ IDEMPOTENT_METHODS: frozenset[str] = frozenset({"GET", "HEAD", "OPTIONS", "PUT",
 RETRYABLE_STATUSES: frozenset[int] = frozenset({429, 503})
 """Too Many Requests and Service Unavailable: the server refused, the request did no work."""
 
-REFUSED_HEADER = "x-shedder-refused"
-"""Response header shedder sends (value ``1``) on every refusal of its own: the application
-never saw the request, so any method may be sent again, POST included."""
 
 GiveUpReason = Literal["retries", "budget", "deadline", "throttled"]
 """Why a call ended on a refusal: retries used up, retry budget spent, no time left before the
@@ -105,44 +102,7 @@ def backoff_delay(
     return random() * ceiling
 
 
-# --- deadlines ---------------------------------------------------------------------------------
-
-# The deadline of the request being served (absolute time.monotonic() seconds), set by
-# shedder's middlewares or by deadline_scope(); read by every client call made meanwhile.
-_DEADLINE: contextvars.ContextVar[float | None] = contextvars.ContextVar(
-    "shedder_deadline", default=None
-)
-
-
-@contextlib.contextmanager
-def deadline_scope(deadline: float | None) -> Iterator[float | None]:
-    """Within the block, client calls end by ``deadline`` (absolute ``time.monotonic()`` s).
-
-    Give it the deadline of the request being served, e.g. ``scope["shedder.deadline"]`` (the
-    WSGI environ has the same key); None leaves the current deadline as it is. Scopes nest: an
-    inner scope can shorten the deadline, never extend it. Yields the deadline in force. Works
-    in threads and tasks alike (a context variable).
-    """
-    if deadline is not None:
-        if isinstance(deadline, bool) or not isinstance(deadline, (int, float)):
-            raise TypeError(f"deadline must be a number or None, got {deadline!r}")
-        if math.isnan(deadline):
-            raise ValueError(f"deadline must be a number, got {deadline!r}")
-    outer = _DEADLINE.get()
-    if deadline is None or (outer is not None and outer <= deadline):
-        effective = outer
-    else:
-        effective = float(deadline)
-    token = _DEADLINE.set(effective)
-    try:
-        yield effective
-    finally:
-        _DEADLINE.reset(token)
-
-
-def current_deadline() -> float | None:
-    """The deadline in force (absolute ``time.monotonic()`` seconds), or None if there is none."""
-    return _DEADLINE.get()
+# --- deadlines: deadline_scope() and current_deadline() live in shedder._core.wire -------
 
 
 # A grpc-timeout TimeoutValue has at most 8 digits; the finest unit that fits is used.

@@ -152,6 +152,9 @@ def find_free_port() -> int:
 def check_port_free(port: int) -> None:
     """Raise :class:`PortInUse` with a clear message if ``port`` on 127.0.0.1 is taken."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As the servers bind: the demo's own connections of the previous step, in TIME_WAIT,
+        # do not make the port "in use"; a process listening on it still does.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((HOST, port))
         except OSError:

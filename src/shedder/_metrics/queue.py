@@ -55,11 +55,6 @@ class _QueueCollector:
         capacity = GaugeMetricFamily(
             f"{p}queue_capacity", "Most items the queue holds.", labels=["queue"]
         )
-        throughput = GaugeMetricFamily(
-            f"{p}queue_throughput",
-            "Items taken out per second over the queue's throughput window.",
-            labels=["queue"],
-        )
         puts = CounterMetricFamily(f"{p}queue_put", "Items put, kept or dropped.", labels=["queue"])
         gets = CounterMetricFamily(f"{p}queue_get", "Items taken out.", labels=["queue"])
         drops = CounterMetricFamily(
@@ -74,7 +69,6 @@ class _QueueCollector:
             stats = queue.stats()
             depth.add_metric([name], stats.size)
             capacity.add_metric([name], stats.capacity)
-            throughput.add_metric([name], stats.throughput)
             puts.add_metric([name], stats.put_total)
             gets.add_metric([name], stats.get_total)
             drops.add_metric([name], stats.dropped_total)
@@ -83,7 +77,7 @@ class _QueueCollector:
                 [(_bound(bound), count) for bound, count in stats.put_wait_buckets],
                 stats.put_wait_sum,
             )
-        yield from (depth, capacity, throughput, puts, gets, drops, waits)
+        yield from (depth, capacity, puts, gets, drops, waits)
 
 
 def _bound(bound: float) -> str:
@@ -103,14 +97,15 @@ def instrument_queue(
     prefix: str = "shedder_",
     name: str,
 ) -> Q:
-    """Export ``queue``'s depth, capacity, puts, gets, drops, put waits and throughput.
+    """Export ``queue``'s depth, capacity, puts, gets, drops and put waits.
 
     Metrics (label ``queue=name``): ``{prefix}queue_depth``, ``{prefix}queue_capacity``,
-    ``{prefix}queue_throughput`` (items/s), ``{prefix}queue_put_total``,
+    ``{prefix}queue_put_total``,
     ``{prefix}queue_get_total``, ``{prefix}queue_dropped_total`` and the histogram
     ``{prefix}queue_put_wait_seconds``. The queue is held weakly: once collected, it disappears
-    from the export. Returns ``queue``. Raises ``ValueError`` if ``name`` is already used in
-    ``registry`` (default: the global one) and ``TypeError`` for a queue that is not monitored.
+    from the export. For throughput, take ``rate()`` of the counters. Returns ``queue``.
+    Raises ``ValueError`` if ``name`` is already used in ``registry`` (default: the global
+    one) and ``TypeError`` for a queue that is not monitored.
     """
     if not isinstance(queue, MonitoredQueue):
         raise TypeError(f"queue must be a shedder MonitoredQueue, got {type(queue).__name__}")

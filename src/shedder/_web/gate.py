@@ -19,7 +19,7 @@ from shedder._core.errors import Overloaded
 from shedder._core.throttler import Outcome, Permit, Throttler, Waiting
 
 from .deadlines import Deadlines
-from .http import HTTPResponse, ShedResponder, shed_response
+from .http import HTTPResponse, ShedLog, ShedResponder, shed_response
 
 __all__ = [
     "DEFAULT_DEADLINES",
@@ -153,6 +153,7 @@ class Gate(Generic[E]):
         self.header_names: tuple[str, ...] = tuple(dict.fromkeys(names))
         """The request headers the gate reads (lower-case); adapters fetch only these."""
         self._refusals: dict[tuple[str, int, str], E] = {}
+        self.shed_log = ShedLog(throttler.name)
         self._unknown_class_logged = False
 
     @property
@@ -222,7 +223,11 @@ class Gate(Generic[E]):
         return decision, deadline
 
     def refusal(self, refusal: Overloaded) -> E:
-        """The encoded refusal response: the responder's, or the contract's (cached)."""
+        """The encoded refusal response: the responder's, or the contract's (cached).
+
+        Also logs the refusal (rate-limited: see :class:`ShedLog`).
+        """
+        self.shed_log(refusal)
         if self._responder is not None:
             return self._encode(self._responder(refusal))
         key = (refusal.reason, refusal.retry_after, refusal.priority)

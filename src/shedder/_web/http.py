@@ -7,19 +7,25 @@ into its own protocol's messages.
 from __future__ import annotations
 
 import json
+import logging
+import threading
+import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
 from shedder._core.errors import Overloaded
 from shedder._core.throttler import Throttler
+from shedder._core.wire import REFUSED_HEADER
 
 from .instance import InstanceStats, InstanceTable
 
 __all__ = [
     "DEFAULT_HEALTH_PATH",
     "DEFAULT_LIVE_PATH",
+    "SHED_LOG_INTERVAL",
     "HTTPResponse",
+    "ShedLog",
     "ShedResponder",
     "health_response",
     "instance_stats",
@@ -69,6 +75,59 @@ ShedResponder = Callable[[Overloaded], HTTPResponse]
 """Builds the response for a refused request; pass one to an adapter to customise 503s."""
 
 
+SHED_LOG_INTERVAL = 10.0
+"""Seconds between two shed log lines of one adapter: one line, then a summary per interval."""
+
+logger = logging.getLogger("shedder")
+
+
+class ShedLog:
+    """One structured WARNING on the ``shedder`` logger per refusal, at most one per interval.
+
+    Under overload an adapter may refuse thousands of requests a second; a line for each would
+    cost more than the refusal. The first refusal is logged at once; later ones within
+    ``interval`` seconds are counted and reported with the next line. The fields are also in
+    the record's ``extra``: ``shedder_throttler``, ``shedder_reason``, ``shedder_retry_after``
+    and ``shedder_suppressed``.
+    """
+
+    __slots__ = ("_interval", "_lock", "_next", "_suppressed", "_throttler")
+
+    def __init__(self, throttler: str, interval: float = SHED_LOG_INTERVAL) -> None:
+        self._throttler = throttler
+        self._interval = interval
+        self._next = 0.0  # monotonic time from which the next line may be written
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, refusal: Overloaded) -> None:
+        now = time.monotonic()
+        with self._lock:
+            if now < self._next:
+                self._suppressed += 1
+                return
+            self._next = now + self._interval
+            suppressed, self._suppressed = self._suppressed, 0
+        if not logger.isEnabledFor(logging.WARNING):
+            return
+        logger.warning(
+            "shed a request: throttler=%s reason=%s priority=%s retry_after=%d (%d more shed"
+            " since the last line)",
+            self._throttler,
+            refusal.reason,
+            refusal.priority,
+            refusal.retry_after,
+            suppressed,
+            extra={
+                "shedder_throttler": self._throttler,
+                "shedder_reason": refusal.reason,
+                "shedder_priority": refusal.priority,
+                "shedder_retry_after": refusal.retry_after,
+                "shedder_suppressed": suppressed,
+            },
+        )
+
+
 def _json_response(
     status: int, payload: object, extra: Iterable[tuple[str, str]] = ()
 ) -> HTTPResponse:
@@ -87,7 +146,7 @@ def shed_response(refusal: Overloaded, status: int = 503) -> HTTPResponse:
     return _json_response(
         status,
         {"error": "overloaded", "reason": refusal.reason, "retry_after": refusal.retry_after},
-        (("retry-after", str(refusal.retry_after)),),
+        (("retry-after", str(refusal.retry_after)), (REFUSED_HEADER, "1")),
     )
 
 

@@ -2,17 +2,46 @@
 
 from __future__ import annotations
 
+import difflib
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from shedder._core.throttler import Throttler
+from shedder._core.throttler import Throttler, ThrottlerOptions
 
 from .http import HTTPResponse, ShedResponder, normalize_path_rules
 from .instance import InstanceTable, instance_table
 
-__all__ = ["AdapterSettings", "adapter_settings", "check_status_code"]
+__all__ = ["AdapterSettings", "adapter_settings", "check_keywords", "check_status_code"]
+
+_THROTTLER_KEYWORDS = frozenset(ThrottlerOptions.__annotations__)
+_ADAPTER_KEYWORDS = (
+    "throttler",
+    "health_path",
+    "exempt",
+    "status_code",
+    "responder",
+    "health_throttlers",
+    "metrics_path",
+    "metrics_registry",
+    "live_path",
+    "instance_dir",
+    "limit_websockets",
+)
+
+
+def check_keywords(options: Iterable[str], known: Iterable[str] = ()) -> None:
+    """``TypeError`` naming the first unknown keyword, with the closest known one if any.
+
+    Known: the throttler's keyword arguments, the middlewares' options and ``known``.
+    """
+    names = sorted(_THROTTLER_KEYWORDS.union(_ADAPTER_KEYWORDS, known))
+    for option in options:
+        if option not in names:
+            close = difflib.get_close_matches(option, names, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise TypeError(f"unknown keyword argument {option!r}{hint}")
 
 
 def check_status_code(status_code: object) -> int:
@@ -55,6 +84,7 @@ def adapter_settings(
     instance_dir: str | os.PathLike[str] | None,
 ) -> AdapterSettings:
     """Check a middleware's arguments; ``TypeError``/``ValueError`` name the culprit."""
+    check_keywords(throttler_options)
     if throttler is not None and throttler_options:
         raise TypeError(
             "pass either a throttler or its keyword arguments, not both "
@@ -86,7 +116,14 @@ def adapter_settings(
     metrics: Callable[[Any, str | None], HTTPResponse] | None = None
     if metrics_path is not None:
         # Import now so a missing extra fails at start-up, not on the first scrape.
+        from shedder.prometheus import ensure_instrumented
         from shedder.prometheus import metrics_response as metrics
+
+        # Metrics by default: the endpoint serves every throttler this adapter reports. With
+        # Starlette's add_middleware the adapter is built on the first request, so at the
+        # latest the first scrape finds them instrumented.
+        for reported in (throttler, *health_throttlers):
+            ensure_instrumented(reported, registry=metrics_registry)
 
     exact, prefixes = normalize_path_rules(exempt)
     return AdapterSettings(

@@ -1,0 +1,148 @@
+"""shedder.django: the settings-configured middleware and shed_load, in process and for real
+under gunicorn (WSGI Django) and uvicorn (ASGI Django)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from typing import Any
+
+import pytest
+
+pytest.importorskip("django")  # the django extra; dev installs it
+
+import django
+from django.core.exceptions import ImproperlyConfigured
+from django.http import HttpRequest, HttpResponse, StreamingHttpResponse
+from django.test import Client, RequestFactory, override_settings
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "tests.django_project.settings")
+django.setup()
+
+from asgiref.sync import iscoroutinefunction  # noqa: E402
+
+from shedder import Throttler  # noqa: E402
+from shedder.django import LoadSheddingMiddleware, shed_load  # noqa: E402
+
+from .django_project import views  # noqa: E402
+from .servers import check_saturation, serve  # noqa: E402
+
+REFUSAL = {"error": "overloaded", "reason": "queue_full", "retry_after": 1}
+
+
+def ok(request: HttpRequest) -> HttpResponse:
+    return HttpResponse("ok")
+
+
+def test_settings_configure_the_middleware() -> None:
+    client = Client()
+    health = client.get("/health/load")
+    assert health.status_code == 200
+    assert health.json()["max_concurrency"] == 1
+    assert health.json()["status"] == "ok"
+    assert client.post("/health/load").status_code == 405
+    assert client.get("/health/live").json() == {"status": "alive"}
+
+
+def test_a_misspelt_setting_is_named() -> None:
+    with pytest.raises(ImproperlyConfigured, match="max_concurency"):
+        LoadSheddingMiddleware(ok, {"max_concurency": 4})
+
+
+def test_missing_settings_say_what_to_add() -> None:
+    with override_settings(SHEDDER=None), pytest.raises(ImproperlyConfigured, match="SHEDDER"):
+        LoadSheddingMiddleware(ok)
+
+
+def test_a_dotted_path_throttler() -> None:
+    middleware = LoadSheddingMiddleware(ok, {"throttler": "tests.django_project.views.reports"})
+    assert middleware.throttler is views.reports
+
+
+def test_slot_held_until_the_response_is_closed() -> None:
+    def stream(request: HttpRequest) -> StreamingHttpResponse:
+        return StreamingHttpResponse(iter([b"a", b"b"]))
+
+    middleware = LoadSheddingMiddleware(stream, {"max_concurrency": 1, "max_queue": 0})
+    response = middleware(RequestFactory().get("/stream"))
+    assert middleware.throttler.in_flight == 1
+    refused = middleware(RequestFactory().get("/stream"))
+    assert refused.status_code == 503
+    assert refused["Retry-After"] == "1"
+    response.close()
+    assert middleware.throttler.in_flight == 0
+
+
+def test_async_mode_under_asgi_django() -> None:
+    async def get_response(request: HttpRequest) -> HttpResponse:
+        return HttpResponse("ok")
+
+    middleware = LoadSheddingMiddleware(get_response, {"max_concurrency": 1, "max_queue": 0})
+    assert iscoroutinefunction(middleware)  # Django then runs the chain on the event loop
+
+    async def scenario() -> tuple[int, int]:
+        with middleware.throttler:
+            refused = await middleware(RequestFactory().get("/"))
+        response = await middleware(RequestFactory().get("/"))
+        response.close()
+        return refused.status_code, response.status_code
+
+    assert asyncio.run(scenario()) == (503, 200)
+    assert middleware.throttler.in_flight == 0
+
+
+def test_shed_load_on_a_sync_view() -> None:
+    client = Client()
+    with views.reports:  # the view's only slot is taken
+        refused = client.get("/report")
+    assert refused.status_code == 503
+    assert refused.json() == REFUSAL
+    assert client.get("/report").content == b"report"
+    assert views.reports.in_flight == 0
+
+
+def test_shed_load_on_an_async_view() -> None:
+    throttler = Throttler(max_concurrency=1, max_queue=0)
+
+    @shed_load(throttler, status_code=429)
+    async def view(request: HttpRequest) -> HttpResponse:
+        return HttpResponse("ok")
+
+    async def scenario() -> list[Any]:
+        with throttler:
+            refused = await view(RequestFactory().get("/"))
+        admitted = await view(RequestFactory().get("/"))
+        admitted.close()
+        return [refused.status_code, admitted.status_code]
+
+    assert asyncio.run(scenario()) == [429, 200]
+    assert throttler.in_flight == 0
+
+
+def test_shed_load_checks_its_arguments() -> None:
+    with pytest.raises(TypeError, match="throttler"):
+        shed_load("reports")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="status_code"):
+        shed_load(Throttler(max_concurrency=1), status_code=500)
+
+
+@pytest.mark.server
+def test_wsgi_django_under_gunicorn() -> None:
+    with serve("gunicorn", "tests.django_project.wsgi:application") as base_url:
+        check_saturation(base_url, hold="/hold", release="/release")
+
+
+@pytest.mark.server
+def test_asgi_django_under_uvicorn() -> None:
+    with serve("uvicorn", "tests.django_project.asgi:application") as base_url:
+        check_saturation(base_url, hold="/ahold", release="/arelease")
+
+
+def test_health_throttlers_by_dotted_path() -> None:
+    middleware = LoadSheddingMiddleware(
+        ok, {"max_concurrency": 2, "health_throttlers": ["tests.django_project.views.reports"]}
+    )
+    health = middleware(RequestFactory().get("/health/load"))
+    assert "reports" in health.content.decode()
+    with pytest.raises(ImproperlyConfigured, match="health_throttlers"):
+        LoadSheddingMiddleware(ok, {"max_concurrency": 2, "health_throttlers": ["no.such.thing"]})
