@@ -52,7 +52,10 @@ class Probe:
             self.most = max(self.most, self.running)
 
     def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         with self._lock:
             self.running -= 1
@@ -100,7 +103,7 @@ async def aio_server(
 def refusal(error: grpc.RpcError) -> tuple[grpc.StatusCode, str | None]:
     """The status code and pushback trailer of a failed call."""
     assert isinstance(error, grpc.Call)
-    trailers = {key: value for key, value in error.trailing_metadata() or ()}
+    trailers = dict(error.trailing_metadata() or ())
     return error.code(), trailers.get(PUSHBACK_KEY)
 
 

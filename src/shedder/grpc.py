@@ -44,7 +44,7 @@ __all__ = [
 T = TypeVar("T")
 
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
-"""Trailing metadata key, in milliseconds, that gRPC retry policies wait before retrying (gRFC A6)."""
+"""Trailer (milliseconds) that gRPC retry policies wait out before retrying (gRFC A6)."""
 
 DEFAULT_EXEMPT: tuple[str, ...] = ("/grpc.health.v1.Health/", "/grpc.reflection.")
 """Method-name prefixes never throttled: a health check must answer most when the server is busy."""
@@ -236,9 +236,7 @@ class ThrottlingInterceptor(_Admission, grpc.ServerInterceptor):
 
     def intercept_service(
         self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None
-        ],
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         # Runs on the server's single polling thread: decide nothing here that could block.
@@ -544,7 +542,9 @@ class _Buffer(Generic[T]):
             self._changed.notify_all()
 
 
-def iter_bounded(context: grpc.ServicerContext, responses: Iterable[T], *, maxsize: int) -> Iterator[T]:
+def iter_bounded(
+    context: grpc.ServicerContext, responses: Iterable[T], *, maxsize: int
+) -> Iterator[T]:
     """Responses for a ``grpc.server`` streaming handler, produced ahead by a thread.
 
     ``responses`` (typically a generator reading the request iterator) runs on its own daemon
