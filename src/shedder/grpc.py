@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import AsyncIterable, Awaitable, Callable, Iterable, Iterator
 from typing import Any, Generic, TypeVar
 
-from shedder import Overloaded, Permit, Throttler, ThrottlerListener, ThrottlerStats
+from shedder import Overloaded, Permit, Throttler, ThrottlerListener
 
 try:
     import grpc
@@ -102,7 +102,6 @@ class _Admission:
         except Overloaded as refusal:
             context.set_trailing_metadata(self._pushback(refusal))
             context.abort(self.code, self._details(refusal))
-            raise  # pragma: no cover - abort raises
         is_active = getattr(context, "is_active", None)  # grpc.aio's sync-handler context has none
         if is_active is not None and not is_active():
             # The client left while this thread waited: hand the slot on instead of running.
@@ -160,8 +159,8 @@ class _HeldIterator(Iterator[T]):
     __slots__ = ("_permit", "_responses")
 
     def __init__(self, responses: Iterable[T], permit: Permit) -> None:
+        self._permit = permit  # first: __del__ must release even if iter() raises
         self._responses = iter(responses)
-        self._permit = permit
 
     def __next__(self) -> T:
         try:
@@ -172,7 +171,7 @@ class _HeldIterator(Iterator[T]):
 
     def close(self) -> None:
         self._permit.release()
-        close = getattr(self._responses, "close", None)
+        close = getattr(getattr(self, "_responses", None), "close", None)
         if close is not None:
             close()
 
@@ -386,7 +385,7 @@ class HealthReporter(ThrottlerListener):
         # Decide and set under one lock: the last event's caller reads the last state, so the
         # final status is right even when events race on several threads.
         with self._lock:
-            serving = not _shedding(self.throttler.stats())
+            serving = not self.throttler.stats().overloaded
             if serving == self._serving:
                 return
             self._serving = serving
@@ -426,10 +425,6 @@ class HealthReporter(ThrottlerListener):
 
     def on_release(self, throttler: Throttler, held: float) -> None:
         self._update()
-
-
-def _shedding(stats: ThrottlerStats) -> bool:
-    return stats.overloaded
 
 
 def _status(serving: bool) -> int:
