@@ -249,6 +249,86 @@ def test_refusal_code_is_configurable_and_carries_the_pushback() -> None:
     assert "queue_full" in refused.value.details()  # type: ignore[attr-defined]
 
 
+class Sheds(ThrottlerListener):
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+        self.event = threading.Event()
+
+    def on_shed(self, throttler: Throttler, reason: Any, waited: float) -> None:
+        self.reasons.append(reason)
+        self.event.set()
+
+
+def test_sync_queue_wait_is_capped_by_the_client_deadline() -> None:
+    throttler = Throttler(1, max_queue=1, queue_timeout=10)
+    sheds = Sheds()
+    throttler.add_listener(sheds)
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(request: bytes, context: grpc.ServicerContext) -> bytes:
+        entered.set()
+        gate.wait(5)
+        return request
+
+    handlers: Handlers = {"Hold": grpc.unary_unary_rpc_method_handler(hold)}
+    interceptor = ThrottlingInterceptor(throttler)
+    with (
+        sync_server(handlers, workers=4, interceptors=[interceptor]) as target,
+        grpc.insecure_channel(target) as channel,
+    ):
+        call = channel.unary_unary(f"/{SERVICE}/Hold")
+        first = call.future(b"first")
+        assert entered.wait(5)
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as expired:
+            call(b"second", timeout=0.2)
+        # The server gives up its queue place at the deadline, not after queue_timeout (10 s).
+        assert sheds.event.wait(5)
+        gave_up_after = time.monotonic() - started
+        assert throttler.queued == 0
+        gate.set()
+        assert first.result(timeout=5) == b"first"
+    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    assert sheds.reasons == ["queue_timeout"]
+    assert gave_up_after < 2.0
+
+
+def test_sync_errors_and_aborts_release_the_slot() -> None:
+    throttler = Throttler(1, max_queue=0)
+    releases = Releases()
+    throttler.add_listener(releases)
+
+    def fail(request: bytes, context: grpc.ServicerContext) -> bytes:
+        if request == b"abort":
+            context.abort(grpc.StatusCode.NOT_FOUND, "no such thing")
+        raise ValueError("handler failed")
+
+    def fail_midway(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield b"x"
+        raise ValueError("stream failed")
+
+    handlers: Handlers = {
+        "Fail": grpc.unary_unary_rpc_method_handler(fail),
+        "FailMidway": grpc.unary_stream_rpc_method_handler(fail_midway),
+    }
+    interceptor = ThrottlingInterceptor(throttler)
+    codes = []
+    with (
+        sync_server(handlers, workers=4, interceptors=[interceptor]) as target,
+        grpc.insecure_channel(target) as channel,
+    ):
+        for request in (b"raise", b"abort"):
+            with pytest.raises(grpc.RpcError) as failed:
+                channel.unary_unary(f"/{SERVICE}/Fail")(request, timeout=5)
+            codes.append(failed.value.code())  # type: ignore[attr-defined]
+        with pytest.raises(grpc.RpcError) as failed:
+            list(channel.unary_stream(f"/{SERVICE}/FailMidway")(b"", timeout=5))
+        codes.append(failed.value.code())  # type: ignore[attr-defined]
+    assert codes == [grpc.StatusCode.UNKNOWN, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNKNOWN]
+    assert releases.count == 3
+    assert throttler.in_flight == 0
+
+
 class Timeline(ThrottlerListener):
     """When the throttler refused and admitted, and lets the blocker go at the first refusal."""
 
