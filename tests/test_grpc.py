@@ -288,7 +288,11 @@ def test_sync_queue_wait_is_capped_by_the_client_deadline() -> None:
         assert throttler.queued == 0
         gate.set()
         assert first.result(timeout=5) == b"first"
-    assert expired.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED  # type: ignore[attr-defined]
+    # Whichever side notices first: the server's refusal can beat the client's own deadline.
+    assert expired.value.code() in {  # type: ignore[attr-defined]
+        grpc.StatusCode.DEADLINE_EXCEEDED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+    }
     assert sheds.reasons == ["queue_timeout"]
     assert gave_up_after < 2.0
 
