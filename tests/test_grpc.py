@@ -697,3 +697,30 @@ async def test_bounded_helpers_check_maxsize() -> None:
         await write_bounded(None, nothing(), maxsize=0)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="maxsize"):
         iter_bounded(None, [], maxsize=2.5)  # type: ignore[arg-type]
+
+
+async def test_aio_server_throttles_sync_handlers_in_its_thread_pool() -> None:
+    throttler = Throttler(1, max_queue=0)
+    entered, gate = threading.Event(), threading.Event()
+
+    def hold(request: bytes, context: Any) -> bytes:
+        entered.set()
+        gate.wait(5)
+        return request
+
+    handlers: Handlers = {"Hold": grpc.unary_unary_rpc_method_handler(hold)}
+    interceptors = [AsyncThrottlingInterceptor(throttler)]
+    async with (
+        aio_server(handlers, interceptors=interceptors) as target,
+        grpc.aio.insecure_channel(target) as channel,
+    ):
+        call = channel.unary_unary(f"/{SERVICE}/Hold")
+        first = asyncio.ensure_future(call(b"first", timeout=5))
+        assert await asyncio.to_thread(entered.wait, 5)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(b"second", timeout=5)
+        gate.set()
+        assert await first == b"first"
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert (PUSHBACK_KEY, "1000") in tuple(refused.value.trailing_metadata() or ())
+    assert throttler.in_flight == 0
