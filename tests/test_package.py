@@ -8,7 +8,17 @@ from pathlib import Path
 
 import shedder
 
-OPTIONAL = ("starlette", "flask", "httpx", "prometheus_client", "fastapi", "werkzeug", "anyio")
+OPTIONAL = (
+    "starlette",
+    "flask",
+    "httpx",
+    "prometheus_client",
+    "fastapi",
+    "werkzeug",
+    "anyio",
+    "grpc",
+    "grpc_health",
+)
 
 
 def test_import_shedder_imports_no_optional_dependency() -> None:
