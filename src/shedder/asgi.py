@@ -312,7 +312,7 @@ class LoadSheddingMiddleware:
             return
         # The hot path, inlined from _call (one coroutine frame less per request).
         permit = decision
-        release = permit.release
+        release = permit._throttler._release  # one call frame less than permit.release
         outcome = self._outcome
         status: int | None = None
 
@@ -323,16 +323,16 @@ class LoadSheddingMiddleware:
             if kind == "http.response.start":
                 status = message["status"]
             elif kind in _BODY_TYPES and not message.get("more_body", False):
-                release(outcome(status, None))
+                release(permit, outcome(status, None))
 
         scope["shedder.permit"] = permit
         try:
             await self.app(scope, receive, send_then_release)
         except BaseException as error:
-            release(outcome(status, error))
+            release(permit, outcome(status, error))
             raise
         if not permit._released:  # saves taking the lock when the body already freed it
-            release(outcome(status, None))
+            release(permit, outcome(status, None))
 
     def _admit(
         self, scope: Scope, found: dict[str, str]

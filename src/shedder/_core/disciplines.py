@@ -9,39 +9,36 @@ discipline: it orders waiters *within* a flow's line and decides what a full roo
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from .checks import check_seconds
 
 if TYPE_CHECKING:
-    from .waitqueue import QueuedWaiter, WaiterQueue
+    from .waitqueue import WaiterQueue
 
 __all__ = ["FIFO", "LIFO", "CoDel", "Discipline", "discipline_named"]
-
-RefuseStale = Callable[["QueuedWaiter"], None]
-"""Refuses a waiter that has waited too long (reason ``queue_timeout``); under the lock."""
 
 
 class Discipline:
     """Base class: first come, first served; a full waiting room refuses the arrival.
 
     Attributes read by the throttler under its lock: ``newest_first`` (serve the newest waiter
-    of a line first) and ``evict_oldest`` (a full room refuses its oldest waiter of the
-    arrival's class instead of the arrival).
+    of a line first), ``evict_oldest`` (a full room refuses its oldest waiter of the arrival's
+    class instead of the arrival) and ``stale_after`` (None, or seconds: after
+    :meth:`on_congestion`, waiters that have waited that long are refused with
+    ``queue_timeout``).
     """
 
     name = "fifo"
     newest_first = False
     evict_oldest = False
+    stale_after: float | None = None
 
     def bind(self) -> Discipline:
         """A copy for one throttler (disciplines with state must not be shared)."""
         return copy.copy(self)
 
-    def on_congestion(
-        self, queue: WaiterQueue, now: float, wait_for: float, refuse_stale: RefuseStale
-    ) -> float:
+    def on_congestion(self, queue: WaiterQueue, now: float, wait_for: float) -> float:
         """An arrival found no free slot. Returns how long it may wait (<= ``wait_for``)."""
         return wait_for
 
@@ -89,12 +86,12 @@ class CoDel(Discipline):
         return CoDel(self.target, self.interval)
 
     def _stand(self, standing: bool) -> None:
-        # While standing: newest first, and a full room refuses its oldest waiter.
+        # While standing: newest first, a full room refuses its oldest waiter, and whoever
+        # already waited the target is refused.
         self.standing = self.newest_first = self.evict_oldest = standing
+        self.stale_after = self.target if standing else None
 
-    def on_congestion(
-        self, queue: WaiterQueue, now: float, wait_for: float, refuse_stale: RefuseStale
-    ) -> float:
+    def on_congestion(self, queue: WaiterQueue, now: float, wait_for: float) -> float:
         if self.standing and now - self._last_congested >= self.interval:
             self._stand(False)  # a whole interval with a free slot for every arrival
         self._last_congested = now
@@ -104,13 +101,9 @@ class CoDel(Discipline):
             self._stand(True)
         if not self.standing:
             return wait_for
-        # Whoever already waited the target is refused now rather than at its own (long)
-        # queue_timeout; arrival order within a class means the rest waited less.
-        target = self.target
-        for rank in range(queue.lowest_rank(), -1, -1):
-            while (oldest := queue.oldest(rank)) is not None and now - oldest.since >= target:
-                refuse_stale(oldest)
-        return min(wait_for, target)
+        # Whoever already waited the target is refused now (stale_after) rather than at its own
+        # (long) queue_timeout.
+        return min(wait_for, self.target)
 
     def __repr__(self) -> str:
         return f"CoDel(target={self.target}, interval={self.interval})"

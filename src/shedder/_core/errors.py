@@ -21,13 +21,18 @@ class Overloaded(Exception):
     ``priority`` is the class the request was refused in.
     """
 
-    __slots__ = ("priority", "reason", "retry_after")
+    __slots__ = ("_shared", "priority", "reason", "retry_after")
 
     def __init__(self, reason: ShedReason, retry_after: int, priority: str = "default") -> None:
         super().__init__(reason, retry_after)
         self.reason: ShedReason = reason
         self.retry_after: int = retry_after
         self.priority: str = priority
+        self._shared = False  # one instance serves many refusals: never raise it as is
+
+    def copy(self) -> Overloaded:
+        """A new instance with the same fields (to raise a refusal that may be shared)."""
+        return Overloaded(self.reason, self.retry_after, self.priority)
 
     def __str__(self) -> str:
         return f"request shed ({self.reason}); retry after {self.retry_after} s"

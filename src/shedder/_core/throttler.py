@@ -27,7 +27,7 @@ from types import MappingProxyType, TracebackType
 from typing import Any, Literal, TypedDict
 
 from .checks import check_fraction, check_int, check_number, check_seconds
-from .disciplines import Discipline, discipline_named
+from .disciplines import FIFO, Discipline, discipline_named
 from .errors import Overloaded, ShedReason
 from .limits import Limit
 from .waiters import _GRANTED, _AsyncWaiter, _resolve, _ThreadWaiter
@@ -449,6 +449,14 @@ class Throttler:
             dict.fromkeys(SHED_REASONS, 0) for _ in range(classes)
         ]
         self._mean_hold = 0.0  # EWMA of slot hold times, seconds; feeds retry_after="auto"
+        self._refusals: dict[tuple[ShedReason, int, int], Overloaded] = {}
+        # Shared refusals, built once when retry_after is fixed: refusing allocates nothing.
+        self._fixed_refusals = [
+            {reason: self._refusal_locked(reason, rank) for reason in SHED_REASONS}
+            for rank in range(classes)
+        ]
+        # A plain FIFO needs no say on each congested arrival: skip the call.
+        self._plain_fifo = type(self._discipline) in (Discipline, FIFO)
         self._listeners: tuple[ThrottlerListener, ...] = ()
         _registry[next(_registry_ids)] = self
 
@@ -579,6 +587,9 @@ class Throttler:
         """Decide at once: a :class:`Permit` (admitted), an :class:`Overloaded` (refused, not
         raised) or a :class:`Waiting` (queued: call its ``wait()`` or ``wait_async()``).
 
+        A refusal returned here is shared with other refusals of the same kind (nothing is
+        allocated to refuse): read it, and raise ``refusal.copy()`` if you must raise.
+
         The building block of :meth:`acquire` and of servers that queue a request on one
         thread and wait on another. ``priority`` is a class name (default class if None),
         ``flow`` any hashable key (None: no flow), ``deadline`` the latest useful start on the
@@ -586,16 +597,15 @@ class Throttler:
         would wait past it waits only until then), ``timeout`` overrides ``queue_timeout``.
         ``waiter`` says who will wait: a thread, or a task of the running event loop.
         """
-        wait_for = self._queue_timeout if timeout is None else check_seconds("timeout", timeout)
+        if timeout is not None:
+            timeout = check_seconds("timeout", timeout)
         rank = self._default_rank if priority is None else self._rank(priority)
         now = self._clock()
-        evicted: list[tuple[Overloaded, float]] = []
+        evicted: list[tuple[Overloaded, float]] | None = None
         with self._lock:
             if deadline is not None and deadline <= now:
                 self._shed[rank]["deadline_exceeded"] += 1
-                refusal: Overloaded | None = Overloaded(
-                    "deadline_exceeded", self._retry_after_locked(), self._priorities[rank]
-                )
+                refusal: Overloaded | None = self._refusal_locked("deadline_exceeded", rank)
             elif self._in_flight < self._max_concurrency and not self._queue.size:
                 self._in_flight += 1
                 self._admitted[rank] += 1
@@ -605,7 +615,25 @@ class Throttler:
                 refusal = None
             else:
                 permit = None
-                refusal, wait_for = self._admission_locked(now, wait_for, rank, flow, evicted)
+                wait_for = self._queue_timeout if timeout is None else timeout
+                size = self._queue.size
+                if (
+                    size >= self._max_queue
+                    and flow is None
+                    and self._plain_fifo
+                    and (not size or self._queue.lowest_rank() <= rank)
+                ):
+                    # The usual refusal under overload, decided without another call: the room
+                    # is full and nobody in it is of a lower class.
+                    self._shed[rank]["queue_full"] += 1
+                    refusal = (
+                        self._fixed_refusals[rank]["queue_full"]
+                        if self._retry_after_fixed is not None
+                        else self._refusal_locked("queue_full", rank)
+                    )
+                else:
+                    evicted = []
+                    refusal, wait_for = self._admission_locked(now, wait_for, rank, flow, evicted)
                 if refusal is None:
                     timeout_reason: ShedReason = "queue_timeout"
                     if deadline is not None and deadline - now < wait_for:
@@ -623,7 +651,8 @@ class Throttler:
             for victim, since in evicted:
                 self._notify_shed(victim, now - since)
         if refusal is not None:
-            self._notify_shed(refusal, 0.0)
+            if self._listeners:
+                self._notify("on_shed", refusal.reason, 0.0, refusal.priority)
             return refusal
         if permit is not None:
             self._notify("on_admit", 0.0, name)
@@ -674,7 +703,7 @@ class Throttler:
         if type(decision) is Permit:
             return decision
         if isinstance(decision, Overloaded):
-            raise decision
+            raise decision.copy()
         assert isinstance(decision, Waiting)
         return decision.wait()
 
@@ -697,7 +726,7 @@ class Throttler:
         if type(decision) is Permit:
             return decision
         if isinstance(decision, Overloaded):
-            raise decision
+            raise decision.copy()
         assert isinstance(decision, Waiting)
         return await decision.wait_async()
 
@@ -717,34 +746,62 @@ class Throttler:
         """
         queue = self._queue
         discipline = self._discipline
-
-        def refuse_stale(waiter: Any) -> None:
-            self._evict_locked(waiter, "queue_timeout", evicted)
-
-        wait_for = discipline.on_congestion(queue, now, wait_for, refuse_stale)
+        if not self._plain_fifo:
+            wait_for = discipline.on_congestion(queue, now, wait_for)
+            if discipline.stale_after is not None and queue.size:
+                self._shed_stale_locked(now, discipline.stale_after, evicted)
         reason: ShedReason
+        size = queue.size
         if flow is not None and queue.flow_count(rank, flow) >= self._flow_queue_limit:
             reason = "queue_full"  # this flow's share of the room is full
-        elif len(queue) >= self._max_queue:
-            lowest = queue.lowest_rank()
+        elif size >= self._max_queue:
             victim = None
-            if lowest > rank:
-                victim = queue.newest(lowest)  # a lower class makes room for a higher one
-            elif lowest == rank and discipline.evict_oldest:
-                victim = queue.oldest(rank)
+            if size:
+                lowest = queue.lowest_rank()
+                if lowest > rank:
+                    victim = queue.newest(lowest)  # a lower class makes room for a higher one
+                elif lowest == rank and discipline.evict_oldest:
+                    victim = queue.oldest(rank)
             if victim is None:
                 reason = "queue_full"
             else:
                 self._evict_locked(victim, "queue_full", evicted)
                 return None, wait_for
-        elif (self._in_flight + len(queue)) / (
+        elif (self._in_flight + size) / (
             self._max_concurrency + self._max_queue
         ) >= self._thresholds[rank]:
             reason = "overloaded"
         else:
             return None, wait_for
         self._shed[rank][reason] += 1
-        return Overloaded(reason, self._retry_after_locked(), self._priorities[rank]), wait_for
+        if self._retry_after_fixed is not None:
+            return self._fixed_refusals[rank][reason], wait_for
+        return self._refusal_locked(reason, rank), wait_for
+
+    def _refusal_locked(self, reason: ShedReason, rank: int) -> Overloaded:
+        """The refusal of an arrival: one shared instance per (reason, retry_after, class).
+
+        Refusing allocates nothing on the hot path; :meth:`acquire` raises a copy, so the
+        shared instance never carries a traceback.
+        """
+        retry_after = self._retry_after_fixed or self._retry_after_locked()
+        key = (reason, retry_after, rank)
+        refusal = self._refusals.get(key)
+        if refusal is None:
+            refusal = Overloaded(reason, retry_after, self._priorities[rank])
+            if len(self._refusals) < 512:  # "auto" spans a range: keep the table bounded
+                refusal._shared = True
+                self._refusals[key] = refusal
+        return refusal
+
+    def _shed_stale_locked(
+        self, now: float, age: float, evicted: list[tuple[Overloaded, float]]
+    ) -> None:
+        """Refuse, oldest first in each class, the waiters that have waited ``age`` or longer."""
+        queue = self._queue
+        for rank in range(queue.lowest_rank(), -1, -1):
+            while (oldest := queue.oldest(rank)) is not None and now - oldest.since >= age:
+                self._evict_locked(oldest, "queue_timeout", evicted)
 
     def _evict_locked(
         self, waiter: Any, reason: ShedReason, evicted: list[tuple[Overloaded, float]]

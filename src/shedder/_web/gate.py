@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from dataclasses import dataclass
+from time import monotonic
 from typing import Any, Generic, Literal, TypeVar
 
 from shedder._core.errors import Overloaded
@@ -153,6 +154,8 @@ class Gate(Generic[E]):
         self.header_names: tuple[str, ...] = tuple(dict.fromkeys(names))
         """The request headers the gate reads (lower-case); adapters fetch only these."""
         self._refusals: dict[tuple[str, int, str], E] = {}
+        # Keyed by the throttler's shared refusal instances (they live as long as it does).
+        self._by_refusal: dict[Overloaded, E] = {}
         self.shed_log = ShedLog(throttler.name)
         self._unknown_class_logged = False
 
@@ -227,15 +230,25 @@ class Gate(Generic[E]):
 
         Also logs the refusal (rate-limited: see :class:`ShedLog`).
         """
-        self.shed_log(refusal)
+        log = self.shed_log
+        if monotonic() < log._next:
+            log._suppressed += 1  # the common case under overload, without another call
+        else:
+            log(refusal)
         if self._responder is not None:
             return self._encode(self._responder(refusal))
+        # The throttler shares one refusal per kind: most lookups hit by identity.
+        encoded = self._by_refusal.get(refusal)
+        if encoded is not None:
+            return encoded
         key = (refusal.reason, refusal.retry_after, refusal.priority)
         encoded = self._refusals.get(key)
         if encoded is None:
             encoded = self._encode(shed_response(refusal, self._status_code))
             if len(self._refusals) < 1024:  # retry_after="auto" varies; keep the cache bounded
                 self._refusals[key] = encoded
+        if refusal._shared and len(self._by_refusal) < 1024:
+            self._by_refusal[refusal] = encoded
         return encoded
 
     def _unknown_class(self, priority: str) -> None:

@@ -102,6 +102,11 @@ class ShedLog:
 
     def __call__(self, refusal: Overloaded) -> None:
         now = time.monotonic()
+        if now < self._next:
+            # The common case under overload, read without the lock: a count lost to a race
+            # only makes the next line's "more shed" figure a little low.
+            self._suppressed += 1
+            return
         with self._lock:
             if now < self._next:
                 self._suppressed += 1
