@@ -234,7 +234,15 @@ class Waiting:
     may queue a request on one thread and wait for its slot on another.
     """
 
-    __slots__ = ("_expires", "_reason", "_started", "_throttler", "_waiter", "priority")
+    __slots__ = (
+        "_deadline",
+        "_expires",
+        "_reason",
+        "_started",
+        "_throttler",
+        "_waiter",
+        "priority",
+    )
 
     def __init__(
         self,
@@ -244,9 +252,11 @@ class Waiting:
         wait_for: float,
         reason: ShedReason,
         priority: str,
+        deadline: float | None = None,
     ) -> None:
         self._throttler = throttler
         self._waiter = waiter
+        self._deadline = deadline
         self._started = started  # on the throttler's clock
         # Real time, for the wait itself (the throttler's clock may be simulated).
         self._expires = monotonic() + wait_for
@@ -659,7 +669,7 @@ class Throttler:
             return permit
         if self._listeners:
             self._notify("on_queue", name)
-        return Waiting(self, queued, now, wait_for, timeout_reason, name)
+        return Waiting(self, queued, now, wait_for, timeout_reason, name, deadline)
 
     def try_acquire(
         self, *, priority: str | None = None, flow: Hashable = None, deadline: float | None = None
@@ -770,6 +780,12 @@ class Throttler:
         elif (self._in_flight + size) / (
             self._max_concurrency + self._max_queue
         ) >= self._thresholds[rank]:
+            lowest = queue.lowest_rank()
+            if lowest > rank:
+                # Over its shed point, a higher class still goes before a lower one: it takes
+                # the newest lower-class place rather than be refused while they wait.
+                self._evict_locked(queue.newest(lowest), "overloaded", evicted)
+                return None, wait_for
             reason = "overloaded"
         else:
             return None, wait_for
@@ -823,7 +839,7 @@ class Throttler:
             outcome = waiter.outcome
             if outcome == _GRANTED:
                 self._admitted[rank] += 1
-                permit = Permit(self, now, waited, self._priorities[rank], None)
+                permit = Permit(self, now, waited, self._priorities[rank], waiting._deadline)
             elif outcome is None:
                 # Timed out. Still queued: grants and evictions remove the waiter first.
                 self._queue.remove(waiter)

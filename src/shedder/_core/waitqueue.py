@@ -95,10 +95,13 @@ class WaiterQueue:
         """The next waiter to serve: highest class, the flow whose turn it is, oldest (newest)."""
         for line in self._classes:
             if line.order:
-                flow, own = next(iter(line.flows.items()))
+                # Newest first reads the turns backwards too: with one flow per request (a flow
+                # per client address) it must still serve the latest arrival.
+                flows = line.flows
+                flow, own = next(reversed(flows.items()) if newest_first else iter(flows.items()))
                 waiter, _ = own.popitem(last=newest_first)
                 if own:
-                    line.flows.move_to_end(flow)  # its turn is over
+                    flows.move_to_end(flow, last=not newest_first)  # its turn is over
                 else:
                     del line.flows[flow]
                 del line.order[waiter]
