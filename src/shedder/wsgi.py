@@ -13,18 +13,26 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._core.errors import Overloaded
-from ._core.throttler import Permit, Throttler, ThrottlerOptions
+from ._core.throttler import Outcome, Permit, Throttler, ThrottlerOptions, Waiting
+from ._core.wire import _DEADLINE
+from ._web.deadlines import Deadlines
+from ._web.gate import (
+    DEFAULT_DEADLINES,
+    Classifier,
+    Gate,
+    OutcomeOf,
+    Request,
+    default_outcome,
+)
 from ._web.http import (
     DEFAULT_HEALTH_PATH,
     DEFAULT_LIVE_PATH,
     HTTPResponse,
-    ShedLog,
     ShedResponder,
     health_response,
     live_response,
     method_not_allowed_response,
     path_matches,
-    shed_response,
 )
 from ._web.settings import adapter_settings
 
@@ -63,12 +71,31 @@ class LoadSheddingMiddleware:
             nothing else) so ``/health/load`` reports the whole instance, summed over the
             live workers; default: ``$SHEDDER_INSTANCE_DIR`` if set, else this process only.
             ``ValueError`` if the directory does not exist.
+        classify: ``classify(request) -> shedder.Classification`` (priority class and flow) for
+            each request, from a framework-free :class:`shedder.Request` view.
+        priority_header: a request header naming the priority class (``x-priority:
+            critical``), honoured only from ``trusted_peers``; an unknown value, or one from
+            any other peer, leaves the request in the default class.
+        trusted_peers: addresses or networks (``"10.0.0.0/8"``) of the proxies and gateways
+            whose priority header and long deadlines are believed.
+        deadlines: where request deadlines come from (:class:`shedder.Deadlines`; default:
+            ``grpc-timeout``, ``x-envoy-expected-rq-timeout-ms`` and ``x-request-start``);
+            None ignores them all. A request waits for a slot at most until its deadline, is
+            refused with ``"deadline_exceeded"`` when that passes (or had passed on arrival),
+            and the app finds the deadline (``time.monotonic()`` seconds) in
+            ``environ["shedder.deadline"]`` and the time left in
+            ``environ["shedder.permit"].remaining()``.
+        outcome: ``outcome(status, error) -> "success" | "ignore" | "dropped"``: how each
+            admitted request's work ended, told to a limit algorithm. Default: an exception or
+            a 5xx is ``"ignore"`` (a fast failure is no latency sample).
 
     A slot is held from admission until the server calls the response iterable's
     ``close()``, so a streaming response counts for as long as it streams. Waiting for a
     slot blocks the server's worker thread for at most ``queue_timeout`` seconds: size the
     server's thread pool to hold ``max_concurrency + max_queue`` requests and a few more.
     The app finds the request's :class:`~shedder.Permit` in ``environ["shedder.permit"]``.
+    A server worker that already admitted the request (``shedder.gunicorn``) passes its
+    :class:`~shedder.Permit` or :class:`~shedder.Waiting` in ``environ["shedder.admission"]``.
     """
 
     def __init__(
@@ -85,6 +112,11 @@ class LoadSheddingMiddleware:
         metrics_registry: Any = None,
         live_path: str | None = DEFAULT_LIVE_PATH,
         instance_dir: str | os.PathLike[str] | None = None,
+        classify: Classifier | None = None,
+        priority_header: str | None = None,
+        trusted_peers: Iterable[str] = (),
+        deadlines: Deadlines | None = DEFAULT_DEADLINES,
+        outcome: OutcomeOf = default_outcome,
         **throttler_options: Unpack[ThrottlerOptions],
     ) -> None:
         settings = adapter_settings(
@@ -106,15 +138,29 @@ class LoadSheddingMiddleware:
         self.metrics_path = metrics_path
         self.live_path = live_path
         self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
-        self._status_code = status_code
-        respond: ShedResponder = responder or self._default_responder
-        shed_log = ShedLog(self.throttler.name)
-
-        def log_and_respond(refusal: Overloaded) -> HTTPResponse:
-            shed_log(refusal)
-            return respond(refusal)
-
-        self._responder: ShedResponder = log_and_respond
+        self._gate = Gate(
+            self.throttler,
+            _encode,
+            status_code=status_code,
+            responder=responder,
+            classify=classify,
+            priority_header=priority_header,
+            trusted_peers=trusted_peers,
+            deadlines=deadlines,
+            outcome=outcome,
+        )
+        self._classify = classify
+        # Header name -> its environ key, for the headers the gate reads.
+        self._wanted = {
+            name: "HTTP_" + name.upper().replace("-", "_") for name in self._gate.header_names
+        }
+        self._wanted_keys = tuple(self._wanted.values())
+        self._outcome = outcome
+        # Telling a limit algorithm how each request ended needs the response status, which
+        # costs a start_response wrapper per request: only when someone listens.
+        self._track_outcome = (
+            self.throttler.limit_algorithm is not None or outcome is not default_outcome
+        )
         self._health_throttlers = settings.health_throttlers
         self._metrics_registry = metrics_registry
         self._metrics_response = settings.metrics_response
@@ -122,9 +168,6 @@ class LoadSheddingMiddleware:
         self._orphans = _Reclaimer()
         self._live = live_response()
         self._table = settings.table
-
-    def _default_responder(self, refusal: Overloaded) -> HTTPResponse:
-        return shed_response(refusal, self._status_code)
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._table is not None:
@@ -142,17 +185,91 @@ class LoadSheddingMiddleware:
 
         self._orphans.reclaim()
         # Decided before the app sees the request; a refused request never reaches it.
-        try:
-            permit = self.throttler.acquire()
-        except Overloaded as refusal:
-            return _send(self._responder(refusal), environ, start_response)
+        decision = environ.get("shedder.admission")  # already admitted by the server's worker
+        deadline = None
+        if decision is None or getattr(decision, "_throttler", None) is not self.throttler:
+            if self._classify is None and not any(k in environ for k in self._wanted_keys):
+                decision = self.throttler.admit()
+            else:
+                decision, deadline = self._admit(environ)
+        if isinstance(decision, Waiting):
+            try:
+                decision = decision.wait()
+            except Overloaded as refusal:
+                decision = refusal
+        if isinstance(decision, Overloaded):
+            status, headers, body = self._gate.refusal(decision)
+            start_response(status, list(headers))
+            return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+        permit: Permit = decision
         environ["shedder.permit"] = permit
+        if deadline is not None:
+            environ["shedder.deadline"] = deadline
+        if self._track_outcome:
+            return self._call_tracked(permit, deadline, environ, start_response)
+        token = None if deadline is None else _DEADLINE.set(deadline)
         try:
             result = self.app(environ, start_response)
-        except BaseException:
-            permit.release()
+        except BaseException as error:
+            permit.release(self._outcome(None, error))
             raise
-        return _hold_until_close(result, permit, environ, self._orphans)
+        finally:
+            if token is not None:
+                _DEADLINE.reset(token)
+        return _hold_until_close(result, permit, environ, self._orphans, None)
+
+    def _admit(
+        self, environ: WSGIEnvironment
+    ) -> tuple[Permit | Overloaded | Waiting, float | None]:
+        """The gate's decision from the headers it reads and the peer."""
+        wanted = self._wanted
+
+        def get(name: str) -> str | None:
+            return environ.get(wanted[name])
+
+        request = None
+        if self._classify is not None:
+
+            def request() -> Request:
+                return Request(
+                    environ.get("REQUEST_METHOD", "GET"),
+                    environ.get("PATH_INFO") or "/",
+                    environ.get("REMOTE_ADDR"),
+                    lambda: _headers_of(environ),
+                    environ,
+                )
+
+        return self._gate.admit(get, environ.get("REMOTE_ADDR"), request, "thread")
+
+    def _call_tracked(
+        self,
+        permit: Permit,
+        deadline: float | None,
+        environ: WSGIEnvironment,
+        start_response: StartResponse,
+    ) -> Iterable[bytes]:
+        """Run the app, noting the response status for the permit's outcome."""
+        seen: list[int] = []
+
+        def start(status: str, headers: Any, exc_info: Any = None) -> Any:
+            seen[:] = [_status_code_of(status)]
+            return start_response(status, headers, exc_info)
+
+        token = None if deadline is None else _DEADLINE.set(deadline)
+        try:
+            result = self.app(environ, start)
+        except BaseException as error:
+            permit.release(self._outcome(seen[0] if seen else None, error))
+            raise
+        finally:
+            if token is not None:
+                _DEADLINE.reset(token)
+        outcome = self._outcome
+
+        def outcome_of() -> Outcome:
+            return outcome(seen[0] if seen else None, None)
+
+        return _hold_until_close(result, permit, environ, self._orphans, outcome_of)
 
     # -- endpoints ------------------------------------------------------------------------------
 
@@ -177,6 +294,29 @@ class LoadSheddingMiddleware:
         if self._metrics_response is None:  # pragma: no cover - metrics_path implies it
             raise RuntimeError("metrics_response was not loaded")
         return self._metrics_response(self._metrics_registry, environ.get("HTTP_ACCEPT"))
+
+
+def _encode(response: HTTPResponse) -> tuple[str, tuple[tuple[str, str], ...], bytes]:
+    return response.status_line, response.headers, response.body
+
+
+def _status_code_of(status: str) -> int:
+    try:
+        return int(status[:3])
+    except ValueError:
+        return 0
+
+
+def _headers_of(environ: WSGIEnvironment) -> dict[str, str]:
+    headers = {
+        key[5:].replace("_", "-").lower(): value
+        for key, value in environ.items()
+        if key.startswith("HTTP_")
+    }
+    for key in ("CONTENT_TYPE", "CONTENT_LENGTH"):
+        if environ.get(key):
+            headers[key.replace("_", "-").lower()] = environ[key]
+    return headers
 
 
 def _send(
@@ -225,9 +365,16 @@ class _Reclaimer:
 
 
 def _hold_until_close(
-    result: Iterable[bytes], permit: Permit, environ: WSGIEnvironment, orphans: _Reclaimer
+    result: Iterable[bytes],
+    permit: Permit,
+    environ: WSGIEnvironment,
+    orphans: _Reclaimer,
+    outcome_of: Callable[[], Outcome] | None,
 ) -> Iterable[bytes]:
-    """Tie the permit's release to ``result.close()``, which the server calls when done."""
+    """Tie the permit's release to ``result.close()``, which the server calls when done.
+
+    ``outcome_of`` says how the request ended (None: ``"success"``), asked at release time.
+    """
     file_wrapper = environ.get("wsgi.file_wrapper")
     if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
         # Servers (gunicorn) use sendfile only for their own file wrapper type: keep the
@@ -239,7 +386,7 @@ def _hold_until_close(
                 if inner_close is not None:
                     inner_close()
             finally:
-                permit.release()
+                permit.release("success" if outcome_of is None else outcome_of())
 
         try:
             result.close = close  # type: ignore[attr-defined]
@@ -247,20 +394,28 @@ def _hold_until_close(
             pass  # __slots__ or a read-only close: fall back to wrapping (no sendfile)
         else:
             return result
-    return _ReleasingIterable(result, permit, orphans)
+    return _ReleasingIterable(result, permit, orphans, outcome_of)
 
 
 class _ReleasingIterable:
     """Forwards the app's iterable and releases the permit on ``close()``, exactly once."""
 
-    __slots__ = ("_closed", "_iterable", "_iterator", "_orphans", "_permit")
+    __slots__ = ("_closed", "_failed", "_iterable", "_iterator", "_orphans", "_outcome", "_permit")
 
-    def __init__(self, iterable: Iterable[bytes], permit: Permit, orphans: _Reclaimer) -> None:
+    def __init__(
+        self,
+        iterable: Iterable[bytes],
+        permit: Permit,
+        orphans: _Reclaimer,
+        outcome_of: Callable[[], Outcome] | None = None,
+    ) -> None:
         self._iterable = iterable
         self._iterator: Iterator[bytes] | None = None
         self._permit = permit
         self._orphans = orphans
+        self._outcome = outcome_of
         self._closed = False
+        self._failed = False
 
     def __iter__(self) -> Iterator[bytes]:
         if self._iterator is None:
@@ -270,7 +425,13 @@ class _ReleasingIterable:
     def __next__(self) -> bytes:
         if self._iterator is None:
             self._iterator = iter(self._iterable)
-        return next(self._iterator)
+        try:
+            return next(self._iterator)
+        except StopIteration:
+            raise
+        except BaseException:
+            self._failed = True  # the body broke half-way: no latency sample
+            raise
 
     def close(self) -> None:
         if self._closed:
@@ -281,7 +442,11 @@ class _ReleasingIterable:
             if inner_close is not None:
                 inner_close()
         finally:
-            self._permit.release()
+            if self._failed:
+                outcome: Outcome = "ignore"
+            else:
+                outcome = "success" if self._outcome is None else self._outcome()
+            self._permit.release(outcome)
 
     def __del__(self) -> None:
         if not self._closed:
