@@ -406,7 +406,12 @@ async def test_an_unknown_class_is_a_value_error_naming_it_and_takes_nothing() -
     with pytest.raises(ValueError, match="'urgent'"):
         await throttler.acquire_async(priority="urgent")
     stats = throttler.stats()
-    assert (stats.in_flight, stats.queued, stats.admitted_total, sum(stats.shed_total.values())) == (
+    assert (
+        stats.in_flight,
+        stats.queued,
+        stats.admitted_total,
+        sum(stats.shed_total.values()),
+    ) == (
         0,
         0,
         0,
