@@ -47,6 +47,14 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples[(name, frozenset(labels.items()))]
 
 
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum over the series of ``name`` that carry ``labels`` (e.g. over every class)."""
+    wanted = set(labels.items())
+    found = [v for (n, have), v in samples.items() if n == name and wanted <= have]
+    assert found, f"no {name} series with {labels}"
+    return sum(found)
+
+
 def assert_matches_stats(samples: Samples, throttler: Throttler) -> None:
     stats = throttler.stats()
     name = throttler.name
@@ -58,15 +66,24 @@ def assert_matches_stats(samples: Samples, throttler: Throttler) -> None:
     )
     assert value(samples, "shedder_throttler_queue_limit", throttler=name) == stats.max_queue
     assert (
-        value(samples, "shedder_throttler_admitted_total", throttler=name) == stats.admitted_total
+        total(samples, "shedder_throttler_admitted_total", throttler=name) == stats.admitted_total
     )
+    for priority, count in stats.admitted_by_priority.items():
+        assert (
+            value(samples, "shedder_throttler_admitted_total", throttler=name, priority=priority)
+            == count
+        )
     assert (
         value(samples, "shedder_throttler_cancelled_total", throttler=name) == stats.cancelled_total
     )
     for reason, count in stats.shed_total.items():
         assert (
-            value(samples, "shedder_throttler_shed_total", throttler=name, reason=reason) == count
+            total(samples, "shedder_throttler_shed_total", throttler=name, reason=reason) == count
         )
+    for priority, shed in stats.shed_by_priority.items():
+        for reason, count in shed.items():
+            labels = {"throttler": name, "priority": priority, "reason": reason}
+            assert value(samples, "shedder_throttler_shed_total", **labels) == count
     # Every admission is observed, fast path included.
     assert value(samples, "shedder_throttler_queue_wait_seconds_count", throttler=name) == (
         stats.admitted_total
@@ -93,6 +110,51 @@ class QueueWatch(ThrottlerListener):
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
+
+
+@pytest.mark.parametrize("multiprocess", MODES)
+def test_admitted_and_shed_are_labelled_by_class_never_by_flow(
+    registry: CollectorRegistry, multiprocess: bool
+) -> None:
+    throttler = Throttler(
+        max_concurrency=1,
+        max_queue=2,
+        queue_timeout=30,
+        priorities=("gold", "silver", "bronze"),
+        default_priority="silver",
+        name="classes",
+    )
+    instrument(throttler, registry=registry, multiprocess=multiprocess)
+    holder = throttler.acquire(priority="gold", flow="tenant-0")
+    bronze = throttler.admit(priority="bronze", flow="tenant-1")
+    silver = throttler.admit(flow="tenant-2")
+    gold = throttler.admit(priority="gold", flow="tenant-3")  # the room is full: bronze goes
+    refused = throttler.admit(flow="tenant-4")
+    assert isinstance(refused, Overloaded)
+    assert isinstance(bronze, shedder.Waiting)
+    with pytest.raises(Overloaded):
+        bronze.wait()
+    assert isinstance(gold, shedder.Waiting)
+    assert isinstance(silver, shedder.Waiting)
+    holder.release()
+    gold.wait().release()
+    silver.wait().release()
+
+    samples = scrape(registry)
+    assert_matches_stats(samples, throttler)
+    admitted = {
+        p: value(samples, "shedder_throttler_admitted_total", throttler="classes", priority=p)
+        for p in throttler.priorities
+    }
+    assert admitted == {"gold": 2, "silver": 1, "bronze": 0}
+    for priority, shed in [("bronze", 1), ("silver", 1), ("gold", 0)]:
+        labels = {"throttler": "classes", "priority": priority, "reason": "queue_full"}
+        assert value(samples, "shedder_throttler_shed_total", **labels) == shed
+    # Bounded labels: the classes and reasons, never a flow.
+    names = {label for _, labels in samples for label, _ in labels}
+    assert names <= {"throttler", "priority", "reason", "le"}
+    values = {v for _, labels in samples for _, v in labels}
+    assert not any(v.startswith("tenant") for v in values)
 
 
 @pytest.mark.parametrize("multiprocess", MODES)
@@ -128,7 +190,7 @@ def test_values_match_stats_while_in_flight_queued_and_shedding(
     assert_matches_stats(samples, throttler)
     assert value(samples, "shedder_throttler_in_flight", throttler="api") == 2
     assert value(samples, "shedder_throttler_queued", throttler="api") == 2
-    assert value(samples, "shedder_throttler_shed_total", throttler="api", reason="queue_full") == 1
+    assert total(samples, "shedder_throttler_shed_total", throttler="api", reason="queue_full") == 1
 
     # Each release hands its slot straight to a waiter.
     for permit in held:
@@ -182,7 +244,7 @@ def test_overloaded_and_queue_timeout_are_counted_by_reason(
     samples = scrape(registry)
     assert_matches_stats(samples, throttler)
     for reason in ("overloaded", "queue_timeout"):
-        assert value(samples, "shedder_throttler_shed_total", throttler="t", reason=reason) == 1
+        assert total(samples, "shedder_throttler_shed_total", throttler="t", reason=reason) == 1
     # The thread took the handed-over slot and never released it.
     assert value(samples, "shedder_throttler_in_flight", throttler="t") == 1
 
@@ -306,7 +368,7 @@ def test_objects_detach_zeroes_this_process_gauges(registry: CollectorRegistry) 
     samples = scrape(registry)
     assert value(samples, "shedder_throttler_in_flight", throttler="mp") == 0
     assert value(samples, "shedder_throttler_concurrency_limit", throttler="mp") == 0
-    assert value(samples, "shedder_throttler_admitted_total", throttler="mp") == 1
+    assert total(samples, "shedder_throttler_admitted_total", throttler="mp") == 1
 
 
 def test_instrumenting_a_busy_throttler_starts_from_its_state(registry: CollectorRegistry) -> None:
@@ -545,11 +607,9 @@ def test_gunicorn_two_workers_aggregate_in_multiprocess_mode(
         assert value(samples, "shedder_throttler_queued", throttler="app") == 0
         assert value(samples, "shedder_throttler_concurrency_limit", throttler="app") == 2
         assert value(samples, "shedder_throttler_queue_limit", throttler="app") == 0
-        assert value(samples, "shedder_throttler_admitted_total", throttler="app") == 2
-        assert (
-            value(samples, "shedder_throttler_shed_total", throttler="app", reason="queue_full")
-            == shed
-        )
+        assert total(samples, "shedder_throttler_admitted_total", throttler="app") == 2
+        labels = {"throttler": "app", "priority": "default", "reason": "queue_full"}
+        assert value(samples, "shedder_throttler_shed_total", **labels) == shed
         assert value(samples, "shedder_throttler_queue_wait_seconds_count", throttler="app") == 2
 
         for conn in holders.values():
@@ -559,10 +619,10 @@ def test_gunicorn_two_workers_aggregate_in_multiprocess_mode(
 
     samples = _scrape_url(url)
     assert value(samples, "shedder_throttler_in_flight", throttler="app") == 0
-    assert value(samples, "shedder_throttler_admitted_total", throttler="app") == 2
+    assert total(samples, "shedder_throttler_admitted_total", throttler="app") == 2
     assert value(samples, "shedder_throttler_slot_hold_seconds_count", throttler="app") == 2
     assert (
-        value(samples, "shedder_throttler_shed_total", throttler="app", reason="queue_full") == shed
+        total(samples, "shedder_throttler_shed_total", throttler="app", reason="queue_full") == shed
     )
 
 

@@ -207,6 +207,8 @@ def test_example_app_runs_with_the_documented_command() -> None:
     try:
         with httpx.Client(base_url=base_url, timeout=10) as client:
             assert client.get("/").status_code == 200
+            assert client.post("/checkout").json()["priority"] == "critical"
+            assert client.get("/prefetch").json()["priority"] == "sheddable"
             assert client.get("/report").status_code == 200
             with client.stream("GET", "/stream?lines=2") as response:
                 assert len(list(response.iter_lines())) == 2

@@ -6,6 +6,11 @@ Run from the repository root (with shedder installed, or ``PYTHONPATH=src``)::
 
 Routes:
     GET /                  cheap: answers at once
+    GET|POST /checkout     critical: served first, refused last
+    GET /healthz           critical: a deep health check through the app
+    GET /search?q=...      default class
+    GET /prefetch          sheddable: refused first under load
+    GET /export            sheddable: a 50 ms batch export
     GET /report            heavy: 200 ms of simulated work, at most 2 at a time (own throttler)
     GET /stream?lines=N    streams N lines, 100 ms apart; holds its slot until the last one
     GET /health/load       load report for load balancers (200 ok / 503 shedding)
@@ -15,6 +20,12 @@ Sizing: the app-wide throttler admits 16 requests and queues 8 more. Each of tho
 of gunicorn's threads (waiting happens on the worker thread), so ``--threads`` must be at
 least 16 + 8, plus a few spare threads so /health/load and /metrics, and the instant 503s,
 are answered even when the house is full: hence 32.
+
+Who is refused first: ``classify`` puts the checkout and the deep health check in the
+``critical`` class, prefetch and batch exports in ``sheddable`` (refused from three quarters
+load, and first to give up a queue place), everything else in ``default``; and it makes each
+tenant (the ``X-API-Key`` header) a flow, so tenants' waiting requests are served in turn and
+one tenant may hold at most half the queue.
 """
 
 from __future__ import annotations
@@ -24,7 +35,8 @@ from collections.abc import Iterator
 
 from flask import Flask, Response, request
 
-from shedder import Throttler
+import shedder
+from shedder import Classification, Throttler
 from shedder.flask import shed_load
 from shedder.wsgi import LoadSheddingMiddleware
 
@@ -41,9 +53,59 @@ report_throttler = Throttler(
 )
 
 
+CRITICAL = ("/checkout", "/healthz")
+SHEDDABLE = ("/prefetch", "/export")
+
+
+def classify(request: shedder.Request) -> Classification:
+    """The priority class by route, the flow by tenant: cheap lookups, run on every request."""
+    tenant = request.headers.get("x-api-key")
+    if request.path.startswith(CRITICAL):
+        return Classification("critical", flow=tenant)
+    if request.path.startswith(SHEDDABLE):
+        return Classification("sheddable", flow=tenant)
+    return Classification(flow=tenant)
+
+
+def served_as() -> str:
+    """The class this request's slot was granted in."""
+    permit: shedder.Permit = request.environ["shedder.permit"]
+    return permit.priority
+
+
 @app.get("/")
 def index() -> dict[str, str]:
     return {"hello": "world"}
+
+
+@app.route("/checkout", methods=["GET", "POST"])
+def checkout() -> dict[str, str]:
+    time.sleep(0.01)  # stands in for a payment call
+    return {"order": "placed", "priority": served_as()}
+
+
+@app.get("/healthz")
+def healthz() -> dict[str, str]:
+    # A deep check (database, cache) that goes through the app: critical, so a busy instance
+    # is not taken out of rotation for shedding its own health checks.
+    return {"status": "ok", "priority": served_as()}
+
+
+@app.get("/search")
+def search() -> dict[str, object]:
+    query = request.args.get("q", "")
+    return {"results": [query] if query else [], "priority": served_as()}
+
+
+@app.get("/prefetch")
+def prefetch() -> dict[str, object]:
+    return {"prefetched": True, "priority": served_as()}
+
+
+@app.get("/export")
+def export() -> dict[str, str]:
+    time.sleep(0.05)  # stands in for a batch export
+    return {"export": "done", "priority": served_as()}
 
 
 @app.get("/report")
@@ -72,6 +134,7 @@ app.wsgi_app = LoadSheddingMiddleware(  # type: ignore[method-assign]
     queue_timeout=1.0,
     retry_after=1,
     name="app",
+    classify=classify,
     health_throttlers=[report_throttler],  # /health/load reports both throttlers
     metrics_path="/metrics",
 )

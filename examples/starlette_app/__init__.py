@@ -6,11 +6,18 @@ Run from the repository root, with one command::
 
 Routes:
     GET /                  cheap: answers at once
+    GET|POST /checkout     critical: served first, refused last
+    GET /healthz           critical: a deep health check through the app
+    GET /search?q=...      default class
+    GET /prefetch          sheddable: refused first under load
+    GET /export            sheddable: a 50 ms batch export
     GET /report            heavy: 200 ms of async work, at most 2 at a time (own throttler)
     GET /thumbnail         sync: 50 ms of blocking work in the thread pool (own throttler)
     GET /events?n=N        server-sent events, 100 ms apart; holds its slot until the last one
     GET /health/load       load report for load balancers (200 ok / 503 shedding)
     GET /metrics           Prometheus exposition
+
+Requests carrying an ``X-API-Key`` header are queued per tenant: tenants are served in turn.
 """
 
 from __future__ import annotations

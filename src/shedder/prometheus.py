@@ -2,7 +2,10 @@
 
 ``instrument(throttler)`` attaches a throttler's metrics to a registry in one call; every
 series carries a ``throttler`` label (the throttler's ``name``), so a global throttler and
-per-route ones share one registry. ``metrics_response()`` renders a registry for ``/metrics``.
+per-route ones share one registry. The admitted and shed counters also carry a ``priority``
+label: the throttler's class names, a short fixed list (never the flow: a label per tenant
+would grow the series without bound). ``metrics_response()`` renders a registry for
+``/metrics``.
 
 Two implementations behind the same metric names:
 
@@ -84,15 +87,20 @@ _SUBSYSTEM = "throttler_"
 
 _METRIC_NAME = re.compile(r"[a-zA-Z_:][a-zA-Z0-9_:]*")
 
+# Counters broken down by priority class. The class names are the throttler's own short list:
+# bounded label values, unlike the flow (a tenant or client), which is never a label.
+_ADMITTED_LABELS = ["throttler", "priority"]
+_SHED_LABELS = ["throttler", "priority", "reason"]
+
 # Help texts, shared by both implementations so the exposition is the same either way.
 _HELP = {
     "in_flight": "Requests holding a slot of the throttler.",
     "queued": "Requests waiting in the throttler's queue for a slot.",
     "concurrency_limit": "Slots of the throttler (max_concurrency).",
     "queue_limit": "Places in the throttler's wait queue (max_queue).",
-    "admitted": "Requests given a slot.",
+    "admitted": "Requests given a slot, by priority class.",
     "cancelled": "Waiters that gave up (cancelled, interrupted) before getting a slot.",
-    "shed": "Requests refused, by reason (overloaded, queue_full, queue_timeout).",
+    "shed": "Requests refused, by priority class and reason (overloaded, queue_full, ...).",
     "queue_wait_seconds": "Time admitted requests waited for a slot (0 on the fast path).",
     "slot_hold_seconds": "Time a slot was held, from admission to release.",
 }
@@ -202,9 +210,11 @@ class _ThrottlerCollector(Collector):
                 f"{p}concurrency_limit", _HELP["concurrency_limit"], labels=label
             ),
             "queue_limit": GaugeMetricFamily(f"{p}queue_limit", _HELP["queue_limit"], labels=label),
-            "admitted": CounterMetricFamily(f"{p}admitted", _HELP["admitted"], labels=label),
+            "admitted": CounterMetricFamily(
+                f"{p}admitted", _HELP["admitted"], labels=_ADMITTED_LABELS
+            ),
             "cancelled": CounterMetricFamily(f"{p}cancelled", _HELP["cancelled"], labels=label),
-            "shed": CounterMetricFamily(f"{p}shed", _HELP["shed"], labels=["throttler", "reason"]),
+            "shed": CounterMetricFamily(f"{p}shed", _HELP["shed"], labels=_SHED_LABELS),
             "queue_wait_seconds": HistogramMetricFamily(
                 f"{p}queue_wait_seconds", _HELP["queue_wait_seconds"], labels=label
             ),
@@ -231,10 +241,12 @@ class _ThrottlerCollector(Collector):
             families["queued"].add_metric(label, stats.queued)
             families["concurrency_limit"].add_metric(label, stats.max_concurrency)
             families["queue_limit"].add_metric(label, stats.max_queue)
-            families["admitted"].add_metric(label, stats.admitted_total)
+            for priority, count in stats.admitted_by_priority.items():
+                families["admitted"].add_metric([name, priority], count)
             families["cancelled"].add_metric(label, stats.cancelled_total)
-            for reason in SHED_REASONS:
-                families["shed"].add_metric([name, reason], stats.shed_total.get(reason, 0))
+            for priority, shed in stats.shed_by_priority.items():
+                for reason in SHED_REASONS:
+                    families["shed"].add_metric([name, priority, reason], shed.get(reason, 0))
             for key, histogram in (
                 ("queue_wait_seconds", entry.wait),
                 ("slot_hold_seconds", entry.hold),
@@ -286,9 +298,11 @@ class _MetricObjects:
             registry=registry,
             multiprocess_mode="livesum",
         )
-        self.admitted = Counter(f"{p}admitted", _HELP["admitted"], label, registry=registry)
+        self.admitted = Counter(
+            f"{p}admitted", _HELP["admitted"], _ADMITTED_LABELS, registry=registry
+        )
         self.cancelled = Counter(f"{p}cancelled", _HELP["cancelled"], label, registry=registry)
-        self.shed = Counter(f"{p}shed", _HELP["shed"], ["throttler", "reason"], registry=registry)
+        self.shed = Counter(f"{p}shed", _HELP["shed"], _SHED_LABELS, registry=registry)
         self.wait = prometheus_client.Histogram(
             f"{p}queue_wait_seconds",
             _HELP["queue_wait_seconds"],
@@ -314,9 +328,13 @@ class _ObjectsListener(ThrottlerListener):
         self.queued = objects.queued.labels(name)
         self.concurrency_limit = objects.concurrency_limit.labels(name)
         self.queue_limit = objects.queue_limit.labels(name)
-        self.admitted = objects.admitted.labels(name)
+        # Children bound once per class (and reason): events only look them up in a dict.
+        classes = throttler.priorities
+        self.admitted = {p: objects.admitted.labels(name, p) for p in classes}
         self.cancelled = objects.cancelled.labels(name)
-        self.shed: dict[ShedReason, Any] = {r: objects.shed.labels(name, r) for r in SHED_REASONS}
+        self.shed: dict[tuple[str, ShedReason], Any] = {
+            (p, r): objects.shed.labels(name, p, r) for p in classes for r in SHED_REASONS
+        }
         self.wait = objects.wait.labels(name)
         self.hold = objects.hold.labels(name)
         self.pid = 0
@@ -341,7 +359,7 @@ class _ObjectsListener(ThrottlerListener):
         if waited > 0.0:
             self.queued.dec()
         self.in_flight.inc()
-        self.admitted.inc()
+        self.admitted[priority].inc()
         self.wait.observe(waited)
 
     def on_shed(
@@ -349,7 +367,7 @@ class _ObjectsListener(ThrottlerListener):
     ) -> None:
         if waited > 0.0:  # a waiter refused (timed out, evicted), not an arrival
             self.queued.dec()
-        self.shed[reason].inc()
+        self.shed[priority, reason].inc()
 
     def on_cancel(self, throttler: Throttler, waited: float) -> None:
         self.queued.dec()
@@ -462,9 +480,10 @@ def instrument(
             in the same registry and prefix.
 
     Metrics, each ``<prefix>throttler_<name>``: gauges ``in_flight``, ``queued``,
-    ``concurrency_limit``, ``queue_limit``; counters ``admitted_total``, ``cancelled_total``,
-    ``shed_total{reason}``; histograms ``queue_wait_seconds`` (every admission, 0 on the fast
-    path) and ``slot_hold_seconds``.
+    ``concurrency_limit``, ``queue_limit``; counters ``admitted_total{priority}``,
+    ``cancelled_total``, ``shed_total{priority,reason}`` (a series for every class of the
+    throttler); histograms ``queue_wait_seconds`` (every admission, 0 on the fast path) and
+    ``slot_hold_seconds``.
 
     Raises:
         TypeError: ``throttler`` is not a Throttler, or ``buckets`` is not a sequence.
