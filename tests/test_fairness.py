@@ -75,10 +75,6 @@ def test_lifo_serves_each_flow_newest_first_still_in_turn() -> None:
     assert order[0][0] != order[1][0] != order[2][0]  # in turn while both have waiters
 
 
-@pytest.mark.xfail(
-    reason="core: with one waiter per flow, flows are served in arrival order, so LIFO (and a"
-    " standing CoDel queue) serve the oldest first; see the report to the lead"
-)
 @pytest.mark.parametrize("discipline", ["lifo", "codel"])
 def test_newest_first_holds_across_flows_too(discipline: str) -> None:
     clock = Clock()

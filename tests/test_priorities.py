@@ -345,10 +345,6 @@ def test_explicit_shed_thresholds() -> None:
     assert serve_all(holder, waiting) == ["c1", "c2", "c3", "c4", "c5", "c6", "d1", "d2", "d3"]
 
 
-@pytest.mark.xfail(
-    reason="core: a higher class over its shed point is refused while lower-class waiters"
-    " hold places in the queue (priority inversion); see the report to the lead"
-)
 def test_a_higher_class_over_its_shed_point_takes_a_lower_class_place() -> None:
     # shed_threshold 0.8: critical and default are refused at load 0.8, sheddable at 0.6.
     throttler = Throttler(max_concurrency=1, max_queue=4, shed_threshold=0.8, clock=Clock())
@@ -422,7 +418,6 @@ async def test_an_unknown_class_is_a_value_error_naming_it_and_takes_nothing() -
 # -- the waited permit keeps its deadline ---------------------------------------------------------
 
 
-@pytest.mark.xfail(reason="core: a permit granted after waiting loses the request's deadline")
 def test_a_permit_granted_after_waiting_keeps_the_deadline() -> None:
     clock = Clock()
     throttler = Throttler(max_concurrency=1, max_queue=1, clock=clock)
