@@ -8,7 +8,7 @@ import itertools
 import json
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -18,6 +18,7 @@ from tests.brokers import KafkaBroker, kafka_broker
 
 aiokafka = pytest.importorskip("aiokafka")
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
+from aiokafka.abc import ConsumerRebalanceListener  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
 
 from shedder.kafka import BatchConsumer, BrokerUnavailable  # noqa: E402
@@ -34,7 +35,7 @@ def broker() -> Iterator[KafkaBroker]:
 
 
 @pytest.fixture
-async def topic(broker: KafkaBroker) -> AsyncIterator[str]:
+async def topic(broker: KafkaBroker) -> str:
     name = f"t{next(_names)}"
     admin = AIOKafkaAdminClient(bootstrap_servers=broker.bootstrap)
     await admin.start()
@@ -42,7 +43,7 @@ async def topic(broker: KafkaBroker) -> AsyncIterator[str]:
         await admin.create_topics([NewTopic(name, num_partitions=3, replication_factor=1)])
     finally:
         await admin.close()
-    yield name
+    return name
 
 
 async def produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
@@ -71,6 +72,37 @@ def new_consumer(bootstrap: str, group: str, **options: Any) -> AIOKafkaConsumer
     return AIOKafkaConsumer(bootstrap_servers=bootstrap, **settings)
 
 
+class Assignments(ConsumerRebalanceListener):  # type: ignore[misc]
+    """Sets ``changed`` at every assignment the loop's consumer receives."""
+
+    def __init__(self) -> None:
+        self.changed = asyncio.Event()
+
+    def on_partitions_revoked(self, revoked: set[TopicPartition]) -> None:
+        pass
+
+    def on_partitions_assigned(self, assigned: set[TopicPartition]) -> None:
+        self.changed.set()
+
+
+class Saturated:
+    """``downstream`` for the loop: a full throttler, with an event after ``checks`` looks."""
+
+    def __init__(self, throttler: Throttler, checks: int) -> None:
+        self.throttler = throttler
+        self.looked = 0
+        self.checks = checks
+        self.seen_enough = asyncio.Event()
+
+    def __call__(self) -> bool:
+        full = self.throttler.in_flight >= self.throttler.max_concurrency
+        if full:
+            self.looked += 1
+            if self.looked >= self.checks:
+                self.seen_enough.set()
+        return full
+
+
 async def committed_total(consumer: AIOKafkaConsumer, topic: str) -> int:
     total = 0
     for partition in range(3):
@@ -92,7 +124,9 @@ async def run_until(loop: BatchConsumer, done: asyncio.Event, timeout: float = 2
     assert waiter in finished, "timed out"
 
 
-async def test_processes_every_record_once_and_commits_them(broker: KafkaBroker, topic: str) -> None:
+async def test_processes_every_record_once_and_commits_them(
+    broker: KafkaBroker, topic: str
+) -> None:
     values = [str(i).encode() for i in range(600)]
     await produce(broker.bootstrap, topic, values)
     seen: Counter[bytes] = Counter()
@@ -210,11 +244,11 @@ async def test_pauses_while_the_throttler_is_full_and_resumes_after(
             done.set()
 
     async with new_consumer(broker.bootstrap, "g-pause") as consumer:
-        loop = BatchConsumer(consumer, [topic], handle, downstream=downstream, keepalive=0.1)
+        probe = Saturated(downstream, checks=10)
+        loop = BatchConsumer(consumer, [topic], handle, downstream=probe, keepalive=0.1)
         task = asyncio.create_task(run_until(loop, done))
-        # Several keep-alive polls while paused: the consumer stays in the group, takes nothing.
-        while loop.stats.polls < 10:
-            await asyncio.sleep(0.05)
+        # Ten looks (a keep-alive poll each) while paused: it stays in the group, takes nothing.
+        await asyncio.wait_for(probe.seen_enough.wait(), 10)
         assert consumer.paused() == consumer.assignment() != set()
         assert handled == []
         released_at = time.monotonic()
@@ -240,30 +274,36 @@ async def test_pause_survives_rebalances(broker: KafkaBroker, topic: str) -> Non
         if len(first) + len(second) >= 30:
             done.set()
 
+    second_got_some = asyncio.Event()
+
     async def handle_second(record: Any) -> None:
         second.append(record.value)
+        second_got_some.set()
 
     async with new_consumer(broker.bootstrap, "g-13463") as consumer:
-        loop = BatchConsumer(consumer, [topic], handle_first, downstream=downstream, keepalive=0.1)
+        probe = Saturated(downstream, checks=2)
+        assignments = Assignments()
+        loop = BatchConsumer(
+            consumer, [topic], handle_first, downstream=probe, keepalive=0.1, listener=assignments
+        )
         task = asyncio.create_task(run_until(loop, done, timeout=40))
-        while not consumer.assignment() or loop.stats.pauses == 0:
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(assignments.changed.wait(), 10)
+        await asyncio.wait_for(probe.seen_enough.wait(), 10)
         # A second member joins (rebalance), takes its share, and leaves (rebalance again):
         # the first member is handed partitions twice while its downstream is still full.
         async with new_consumer(broker.bootstrap, "g-13463") as other_consumer:
             other = BatchConsumer(other_consumer, [topic], handle_second, poll_timeout=0.2)
             other_task = asyncio.create_task(other.run())
-            while not second:
-                await asyncio.sleep(0.05)
-            await asyncio.sleep(0.5)
+            await asyncio.wait_for(second_got_some.wait(), 10)
+            assignments.changed.clear()
             other.stop()
             await other_task
-        rebalances = loop.stats.rebalances
-        while loop.stats.rebalances < rebalances + 1:  # the leave hands everything back
-            await asyncio.sleep(0.05)
-        assert consumer.paused() == consumer.assignment() == {
-            TopicPartition(topic, p) for p in range(3)
-        }
+        await asyncio.wait_for(assignments.changed.wait(), 10)  # the leave hands all back
+        assert (
+            consumer.paused()
+            == consumer.assignment()
+            == {TopicPartition(topic, p) for p in range(3)}
+        )
         assert first == []  # saturated all along: nothing came through either rebalance
         held.release()
         await task
@@ -280,12 +320,18 @@ async def test_broker_gone_mid_run_raises_instead_of_stalling() -> None:
         consumer = new_consumer(own.bootstrap, "g-gone")
         await consumer.start()
         try:
+            assignments = Assignments()
             loop = BatchConsumer(
-                consumer, ["gone"], _ignore, broker_timeout=1.5, poll_timeout=0.1, keepalive=0.1
+                consumer,
+                ["gone"],
+                _ignore,
+                broker_timeout=1.5,
+                poll_timeout=0.1,
+                keepalive=0.1,
+                listener=assignments,
             )
             task = asyncio.create_task(loop.run())
-            while not consumer.assignment():
-                await asyncio.sleep(0.05)
+            await asyncio.wait_for(assignments.changed.wait(), 10)
             own.kill()
             started = time.monotonic()
             with pytest.raises(BrokerUnavailable, match="broker_timeout"):
