@@ -100,7 +100,7 @@ class BatchConsumer:
         downstream: pause while this is saturated: a :class:`Throttler` (no free slot), a
             bounded queue (``is_full``) or a callable returning True while saturated.
         max_poll_interval: the consumer's ``max_poll_interval_ms`` in seconds (read from the
-            consumer when not given). A batch takes no new record after 45 % of it.
+            consumer when not given). A batch takes no new record after 40 % of it.
         poll_timeout: seconds one ``getmany`` waits for records.
         keepalive: seconds between polls while paused (saturated downstream, or a record that
             runs past the batch deadline); default ``max_poll_interval / 10``, at most 1 s.
@@ -155,7 +155,7 @@ class BatchConsumer:
             raise TypeError(f"sizer must be an AdaptiveBatchSizer, got {type(sizer).__name__}")
         self.sizer = sizer
         # Past this a batch takes no new record: the poll interval stays under half the limit.
-        self.batch_deadline = 0.45 * self.max_poll_interval
+        self.batch_deadline = 0.4 * self.max_poll_interval
         self._consumer = consumer
         self._handler = handler
         self._on_error = on_error
