@@ -57,7 +57,10 @@ class PrefetchConsumerStats:
     max_unacked: int = 0
     """Most deliveries held unsettled at once."""
     over_prefetch: int = 0
-    """Deliveries that arrived while more than ``prefetch`` were unsettled (should stay 0)."""
+    """Deliveries that arrived while more than the prefetch in force were unsettled (0 if the
+    broker keeps to it). After a lowered channel-wide prefetch the old one stays in force
+    until the unsettled count has come down to the new one: RabbitMQ's queues may have
+    granted deliveries under the old limit just before it changed."""
 
 
 class PrefetchConsumer:
@@ -127,7 +130,8 @@ class PrefetchConsumer:
         self.stats = PrefetchConsumerStats()
         self._queue: AbstractQueue | None = None
         self._tag: str | None = None
-        self._unsettled = 0
+        self._open: set[int] = set()  # delivery tags not yet acked, nacked or rejected
+        self._in_force = 0  # the limit the broker applies to deliveries arriving now
         self._serial = asyncio.Lock()  # sizer mode: one delivery at a time, in arrival order
         self._settled = asyncio.Condition()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -148,9 +152,11 @@ class PrefetchConsumer:
 
     async def _set_qos(self, count: int) -> None:
         await self._channel.set_qos(prefetch_count=count, global_=self.global_qos)
-        # Deliveries sent under the old limit precede Qos-Ok on the channel: from here on the
-        # new limit is the one the broker applies.
+        # Deliveries sent under the old limit precede Qos-Ok on the channel, except those a
+        # queue granted just before a lowered channel-wide limit (see over_prefetch).
         self.stats.prefetch = count
+        if count > self._in_force or len(self._open) <= count:
+            self._in_force = count
 
     async def _maybe_resize(self) -> None:
         target = self._target()
@@ -168,7 +174,7 @@ class PrefetchConsumer:
                 # deliveries made under the old one are settled so the new limit holds exactly.
                 await self._cancel()
                 async with self._settled:
-                    await self._settled.wait_for(lambda: self._unsettled == 0 or self._stopping)
+                    await self._settled.wait_for(lambda: not self._open or self._stopping)
                 if self._stopping:
                     return
                 await self._set_qos(self._target())
@@ -184,6 +190,8 @@ class PrefetchConsumer:
         self._stopping = False
         self._stopped = asyncio.Event()
         self._closed_by = None
+        self._open.clear()
+        self._in_force = 0
         if isinstance(self._queue_ref, str):
             self._queue = await self._channel.get_queue(self._queue_ref, ensure=True)
         else:
@@ -238,20 +246,34 @@ class PrefetchConsumer:
         task = asyncio.current_task()
         if task is not None:
             self._tasks.add(task)
-        self._unsettled += 1
+        tag = message.delivery_tag or 0
+        self._open.add(tag)
         self.stats.delivered += 1
-        self.stats.max_unacked = max(self.stats.max_unacked, self._unsettled)
-        if self._unsettled > self.stats.prefetch:
+        self.stats.max_unacked = max(self.stats.max_unacked, len(self._open))
+        if len(self._open) > self._in_force:
             self.stats.over_prefetch += 1
         try:
             await self._process(message)
         finally:
-            self._unsettled -= 1
+            self._open.discard(tag)
+            if len(self._open) <= self.stats.prefetch:
+                self._in_force = self.stats.prefetch
             async with self._settled:
                 self._settled.notify_all()
             if task is not None:
                 self._tasks.discard(task)
-        await self._maybe_resize()
+        try:
+            await self._maybe_resize()
+        except Exception:
+            if not (self._stopping or self._channel.is_closed):
+                logger.exception("could not change the prefetch")
+
+    def _settle(self, message: AbstractIncomingMessage) -> None:
+        """Count ``message`` settled *before* its ack/nack goes out: once the broker has it, a
+        new delivery may arrive before this task runs again."""
+        self._open.discard(message.delivery_tag or 0)
+        if len(self._open) <= self.stats.prefetch:
+            self._in_force = self.stats.prefetch
 
     async def _process(self, message: AbstractIncomingMessage) -> None:
         if self.throttler is not None:
@@ -278,6 +300,7 @@ class PrefetchConsumer:
     async def _give_back(self, message: AbstractIncomingMessage) -> None:
         self.stats.returned += 1
         with contextlib.suppress(Exception):
+            self._settle(message)
             await message.nack(requeue=True)
 
     async def _run_handler(self, message: AbstractIncomingMessage) -> None:
@@ -289,6 +312,7 @@ class PrefetchConsumer:
         except Exception as exc:
             await self._failed(message, exc)
         else:
+            self._settle(message)
             await message.ack()
             self.stats.acked += 1
             if message.redelivered and self._failures:
@@ -310,9 +334,11 @@ class PrefetchConsumer:
             self.stats.rejected += 1
             self._failures.pop(_key(message), None)
             logger.warning("rejecting a message after %d deliveries (max_deliveries)", deliveries)
+            self._settle(message)
             await message.reject(requeue=False)
         else:
             self.stats.requeued += 1
+            self._settle(message)
             await message.nack(requeue=True)
 
     def _deliveries(self, message: AbstractIncomingMessage) -> int:
