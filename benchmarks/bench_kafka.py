@@ -26,10 +26,10 @@ for path in (ROOT, ROOT / "src"):  # run from a checkout without installing
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
+from tests.brokers import kafka_broker  # noqa: E402
 
 from shedder import AdaptiveBatchSizer  # noqa: E402
 from shedder.kafka import BatchConsumer  # noqa: E402
-from tests.brokers import kafka_broker  # noqa: E402
 
 FAST, SLOW = 0.002, 0.010  # seconds of work per record: 5x slower after the switch
 

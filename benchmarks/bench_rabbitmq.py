@@ -27,10 +27,10 @@ for path in (ROOT, ROOT / "src"):  # run from a checkout without installing
         sys.path.insert(0, str(path))
 
 import aio_pika  # noqa: E402
+from tests.brokers import RABBITMQ_URL  # noqa: E402
 
 from shedder import AdaptiveBatchSizer  # noqa: E402
 from shedder.rabbitmq import PrefetchConsumer  # noqa: E402
-from tests.brokers import RABBITMQ_URL  # noqa: E402
 
 
 async def run(kind: str, messages: int, restarts: int) -> None:
@@ -55,13 +55,21 @@ async def run(kind: str, messages: int, restarts: int) -> None:
         stop_at = messages if round_ == restarts else share * (round_ + 1)
         reached = asyncio.Event()
 
-        async def handle(message: Any, stop_at: int = stop_at, reached: Any = reached) -> None:
+        current: list[PrefetchConsumer] = []
+
+        async def handle(
+            message: Any,
+            stop_at: int = stop_at,
+            reached: Any = reached,
+            crash: bool = crash,
+            current: list[PrefetchConsumer] = current,
+        ) -> None:
             await asyncio.sleep(0.005 if len(acked) > messages // 2 else 0.001)
             if crash and len(acked) >= stop_at:
                 reached.set()
                 await asyncio.Event().wait()  # hang: the connection drop ends this delivery
             acked[message.body] += 1  # acked right after this returns
-            prefetches.add(consumer.stats.prefetch)
+            prefetches.add(current[0].stats.prefetch)
             if len(acked) >= stop_at:
                 reached.set()
 
@@ -72,13 +80,14 @@ async def run(kind: str, messages: int, restarts: int) -> None:
             sizer=AdaptiveBatchSizer(0.1, max_size=200),
             global_qos=kind == "classic",
         )
+        current.append(consumer)
         task = asyncio.create_task(consumer.run())
         await asyncio.wait_for(reached.wait(), 120)
         if crash:
             await connection.close()  # unacked deliveries go back to the queue
             try:
                 await asyncio.wait_for(task, 10)
-            except (ConnectionError, asyncio.CancelledError, Exception):  # noqa: BLE001
+            except (Exception, asyncio.CancelledError):  # run() may end either way: it was cut off
                 pass
             task.cancel()
         else:
