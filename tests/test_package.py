@@ -6,9 +6,22 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import shedder
 
-OPTIONAL = ("starlette", "flask", "httpx", "prometheus_client", "fastapi", "werkzeug", "anyio")
+OPTIONAL = (
+    "starlette",
+    "flask",
+    "httpx",
+    "prometheus_client",
+    "fastapi",
+    "werkzeug",
+    "anyio",
+    "aiokafka",
+    "aio_pika",
+    "aiormq",
+)
 
 
 def test_import_shedder_imports_no_optional_dependency() -> None:
@@ -33,3 +46,21 @@ def test_public_api_is_exported_and_typed() -> None:
         assert hasattr(shedder, name), name
     assert (Path(shedder.__file__).parent / "py.typed").is_file()
     assert shedder.__version__
+
+
+@pytest.mark.parametrize(
+    ("module", "dependency", "extra"),
+    [("shedder.kafka", "aiokafka", "kafka"), ("shedder.rabbitmq", "aio_pika", "rabbitmq")],
+)
+def test_missing_broker_client_names_the_extra(module: str, dependency: str, extra: str) -> None:
+    code = (
+        f"import sys; sys.modules[{dependency!r}] = None\n"
+        f"try:\n    import {module}\n"
+        "except ImportError as exc:\n    print(exc, exc.__suppress_context__)"
+    )
+    src = str(Path(shedder.__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}
+    )
+    assert f'pip install "loadshedder[{extra}]"' in result.stdout, result.stderr
+    assert result.stdout.strip().endswith("True")  # raised `from None`
