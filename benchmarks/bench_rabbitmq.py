@@ -91,7 +91,7 @@ async def run(kind: str, messages: int, restarts: int) -> None:
                 pass
             task.cancel()
         else:
-            await consumer.stop()
+            consumer.stop()
             await task
             await connection.close()
         stats = consumer.stats

@@ -54,7 +54,7 @@ async def consume(url: str, queue: str, stop: asyncio.Event) -> PrefetchConsumer
         running = asyncio.create_task(consumer.run())
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({running, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        await consumer.stop()
+        consumer.stop()
         stopping.cancel()
         await running  # raises ConnectionError if the connection dropped
     return consumer.stats

@@ -70,7 +70,7 @@ async def consume_until(
         waiter.cancel()
         task.result()
         raise AssertionError("run() returned early")
-    await consumer.stop()
+    consumer.stop()
     await asyncio.wait_for(task, 10)
     assert waiter in finished, "timed out"
 

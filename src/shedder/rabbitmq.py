@@ -209,8 +209,10 @@ class PrefetchConsumer:
             self._channel.close_callbacks.discard(self._on_channel_closed)
             await self._shutdown()
 
-    async def stop(self) -> None:
-        """Take no new deliveries; :meth:`run` returns once the running handlers finished."""
+    def stop(self) -> None:
+        """Take no new deliveries; :meth:`run` returns once the running handlers finished.
+
+        Call it from the event loop's thread (a signal handler, another task)."""
         self._stopping = True
         if self._stopped is not None:
             self._stopped.set()

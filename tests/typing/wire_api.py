@@ -62,5 +62,5 @@ async def rabbitmq(channel: AbstractChannel) -> PrefetchConsumerStats:
     )
     PrefetchConsumer(channel, "orders", handle_message, throttler=Throttler(8))
     await consumer.run()
-    await consumer.stop()
+    consumer.stop()
     return consumer.stats
