@@ -14,7 +14,6 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -114,10 +113,5 @@ def kafka_broker() -> Iterator[KafkaBroker]:
 
 
 def rabbitmq_reachable(timeout: float = 1.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while True:
-        if _listening(5672):
-            return True
-        if time.monotonic() >= deadline:
-            return False
-        time.sleep(0.05)
+    """True once something listens on 127.0.0.1:5672 (waits up to ``timeout`` seconds)."""
+    return wait_for(lambda: _listening(5672), timeout)

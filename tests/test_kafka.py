@@ -15,11 +15,13 @@ import pytest
 
 from shedder import AdaptiveBatchSizer, Throttler
 from tests.brokers import KafkaBroker, kafka_broker
+from tests.net import free_port
 
 aiokafka = pytest.importorskip("aiokafka")
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 from aiokafka.abc import ConsumerRebalanceListener  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
+from aiokafka.errors import KafkaConnectionError  # noqa: E402
 
 from shedder.kafka import BatchConsumer, BrokerUnavailable  # noqa: E402
 
@@ -341,6 +343,17 @@ async def test_broker_gone_mid_run_raises_instead_of_stalling() -> None:
             # aiokafka's stop() lets a fetch task's CancelledError out when the broker is gone.
             with contextlib.suppress(asyncio.CancelledError):
                 await consumer.stop()
+
+
+async def test_broker_down_at_start_is_a_clear_error() -> None:
+    dead = f"127.0.0.1:{free_port()}"
+    consumer = new_consumer(dead, "g-dead")
+    loop = BatchConsumer(consumer, ["t"], _ignore)
+    with pytest.raises(RuntimeError, match="start the consumer"):
+        await loop.run()
+    with pytest.raises(KafkaConnectionError):
+        await consumer.start()
+    await consumer.stop()
 
 
 async def _ignore(record: Any) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from shedder import AdaptiveBatchSizer, Throttler
 from tests.brokers import RABBITMQ_URL, missing, rabbitmq_reachable
+from tests.net import free_port
 
 aio_pika = pytest.importorskip("aio_pika")
 from aio_pika.abc import AbstractIncomingMessage  # noqa: E402
@@ -271,6 +272,11 @@ async def test_a_closed_connection_ends_run_with_an_error(queue_name: str) -> No
     finally:
         with contextlib.suppress(Exception):
             await conn.close()
+
+
+async def test_broker_down_at_start_is_a_clear_error() -> None:
+    with pytest.raises(ConnectionError, match="Connect call failed"):
+        await aio_pika.connect(f"amqp://guest:guest@127.0.0.1:{free_port()}/")
 
 
 async def _ignore(message: AbstractIncomingMessage) -> None:

@@ -180,6 +180,12 @@ class BatchConsumer:
 
     async def run(self) -> None:
         """Consume until :meth:`stop`; raises :class:`BrokerUnavailable` or ``on_error``'s error."""
+        if getattr(self._consumer, "_coordinator", None) is None:
+            # aiokafka would fail on its first getmany with an AttributeError; say what is wrong.
+            raise RuntimeError(
+                "start the consumer before run(): `await consumer.start()` or `async with consumer`"
+                " (start() raises KafkaConnectionError when no broker answers)"
+            )
         self._loop = asyncio.get_running_loop()
         self._wake = asyncio.Event()
         self._consumer.subscribe(self.topics, listener=_Listener(self))
