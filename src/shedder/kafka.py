@@ -289,6 +289,7 @@ class BatchConsumer:
     async def _process(self, batch: dict[Any, list[Any]]) -> None:
         started = time.monotonic()
         deadline = started + self.batch_deadline
+        finished: list[float] = []  # when each record was done
         next_offsets: dict[Any, int] = {}
         counts: dict[Any, int] = {}
         done = 0
@@ -309,6 +310,7 @@ class BatchConsumer:
                     next_offsets[tp] = record.offset + 1
                     counts[tp] = counts.get(tp, 0) + 1
                     done += 1
+                    finished.append(time.monotonic())
                 else:
                     continue
                 # Cut: give back the untouched partitions too.
@@ -319,12 +321,35 @@ class BatchConsumer:
             failure = exc
             raise
         finally:
-            self.sizer.record(done, time.monotonic() - started)
+            self._record_batch(started, finished)
             self.stats.batches += 1
             self.stats.processed += done
             self.stats.cut_batches += cut
             if not isinstance(failure, asyncio.CancelledError):
                 await self._commit(next_offsets, counts)
+
+    def _record_batch(self, started: float, finished: list[float]) -> None:
+        """Tell the sizer how long the batch took, and how slow its end was if slower.
+
+        A slowdown that starts mid-batch is diluted in the batch's average: sized on that
+        alone, the next batch would overrun too. So the slowest of the batch's last quarter,
+        eighth and sixteenth (8 records at least) is reported as well when clearly slower; the
+        sizer believes a slower rate at once.
+        """
+        elapsed = time.monotonic() - started
+        done = len(finished)
+        self.sizer.record(done, elapsed)
+        if done < 16:
+            return
+        slowest: tuple[float, int, float] | None = None  # (seconds per record, records, seconds)
+        for tail in (done // 4, done // 8, done // 16):
+            if tail < 8:
+                break
+            tail_elapsed = finished[-1] - finished[-tail - 1]
+            if slowest is None or tail_elapsed / tail > slowest[0]:
+                slowest = (tail_elapsed / tail, tail, tail_elapsed)
+        if slowest is not None and slowest[0] > 1.2 * elapsed / done:
+            self.sizer.record(slowest[1], slowest[2])
 
     async def _handle(self, record: Any, deadline: float) -> None:
         task = asyncio.ensure_future(self._handler(record))
