@@ -345,6 +345,23 @@ async def test_broker_gone_mid_run_raises_instead_of_stalling() -> None:
                 await consumer.stop()
 
 
+async def test_a_slowdown_at_the_end_of_a_batch_sizes_the_next_one() -> None:
+    consumer = new_consumer("127.0.0.1:9", "g-unit")
+    try:
+        sizer = AdaptiveBatchSizer(1.0, max_size=10_000, initial=330)
+        loop = BatchConsumer(consumer, ["t"], _ignore, sizer=sizer)
+        now = time.monotonic()
+        started = now - 1.0
+        # 300 records at 2 ms, then 40 at 10 ms: the batch's average hides the new speed.
+        finished = [started + 0.002 * (i + 1) for i in range(300)]
+        finished += [started + 0.6 + 0.010 * (i + 1) for i in range(40)]
+        loop._record_batch(started, finished)
+    finally:
+        await consumer.stop()
+    # Sized on the 10 ms tail (0.8 s / 10 ms = 80), not on the 2.9 ms average (~270).
+    assert 70 <= sizer.size <= 90
+
+
 async def test_broker_down_at_start_is_a_clear_error() -> None:
     dead = f"127.0.0.1:{free_port()}"
     consumer = new_consumer(dead, "g-dead")
