@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import shedder
 
 OPTIONAL = (
@@ -18,6 +20,9 @@ OPTIONAL = (
     "anyio",
     "grpc",
     "grpc_health",
+    "aiokafka",
+    "aio_pika",
+    "aiormq",
 )
 
 
@@ -53,3 +58,21 @@ def test_the_responder_types_are_public() -> None:
 
     responder: ShedResponder = respond
     assert responder(Overloaded("queue_full", 2)).headers == (("retry-after", "2"),)
+
+
+@pytest.mark.parametrize(
+    ("module", "dependency", "extra"),
+    [("shedder.kafka", "aiokafka", "kafka"), ("shedder.rabbitmq", "aio_pika", "rabbitmq")],
+)
+def test_missing_broker_client_names_the_extra(module: str, dependency: str, extra: str) -> None:
+    code = (
+        f"import sys; sys.modules[{dependency!r}] = None\n"
+        f"try:\n    import {module}\n"
+        "except ImportError as exc:\n    print(exc, exc.__suppress_context__)"
+    )
+    src = str(Path(shedder.__file__).parent.parent)
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env={"PYTHONPATH": src}
+    )
+    assert f'pip install "loadshedder[{extra}]"' in result.stdout, result.stderr
+    assert result.stdout.strip().endswith("True")  # raised `from None`
