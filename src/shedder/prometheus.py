@@ -92,7 +92,9 @@ _HELP = {
     "queue_limit": "Places in the throttler's wait queue (max_queue).",
     "admitted": "Requests given a slot.",
     "cancelled": "Waiters that gave up (cancelled, interrupted) before getting a slot.",
-    "shed": "Requests refused, by reason (overloaded, queue_full, queue_timeout).",
+    "shed": (
+        "Requests refused, by reason (overloaded, queue_full, queue_timeout, deadline_exceeded)."
+    ),
     "queue_wait_seconds": "Time admitted requests waited for a slot (0 on the fast path).",
     "slot_hold_seconds": "Time a slot was held, from admission to release.",
 }
