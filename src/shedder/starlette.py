@@ -251,18 +251,23 @@ def _find_request(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> HTTPConne
 
 
 def _ask_for_the_request(guarded: Callable[..., Any], endpoint: Callable[..., Any]) -> None:
-    """Add a keyword parameter typed ``Request`` to ``guarded``'s signature, so that FastAPI
-    passes the request (it injects one for any parameter of that type); Starlette ignores
-    signatures. OpenAPI lists no such parameter: a request is not a field."""
+    """Add a keyword parameter typed ``HTTPConnection`` to ``guarded``'s signature, so that
+    FastAPI passes the request (it injects one for a parameter of that type, in a slot of its
+    own: an endpoint's ``request: Request`` is still served); Starlette ignores signatures.
+    OpenAPI lists no such parameter: a connection is not a field."""
     try:
         signature = inspect.signature(endpoint)
     except (TypeError, ValueError):  # pragma: no cover - a builtin or an odd callable
         return
     parameters = list(signature.parameters.values())
-    if any(p.name == _REQUEST_PARAMETER for p in parameters):  # pragma: no cover - guarded twice
-        return
+    for parameter in parameters:
+        annotation = parameter.annotation
+        if annotation is HTTPConnection or (
+            isinstance(annotation, str) and annotation.rpartition(".")[2] == "HTTPConnection"
+        ):
+            return  # FastAPI fills one such slot only; the guard finds it among the arguments
     hidden = inspect.Parameter(
-        _REQUEST_PARAMETER, inspect.Parameter.KEYWORD_ONLY, annotation=Request
+        _REQUEST_PARAMETER, inspect.Parameter.KEYWORD_ONLY, annotation=HTTPConnection
     )
     at = len(parameters)
     if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
