@@ -146,3 +146,50 @@ def test_health_throttlers_by_dotted_path() -> None:
     assert "reports" in health.content.decode()
     with pytest.raises(ImproperlyConfigured, match="health_throttlers"):
         LoadSheddingMiddleware(ok, {"max_concurrency": 2, "health_throttlers": ["no.such.thing"]})
+
+
+# -- priority and deadlines ----------------------------------------------------------------------
+
+
+def test_an_unknown_priority_is_named_at_decoration() -> None:
+    with pytest.raises(ValueError, match=r"priority must be one of .*'vip'"):
+        shed_load(Throttler(max_concurrency=1), priority="vip")
+
+
+def test_priority_and_deadlines_on_django_views() -> None:
+    import time
+
+    from shedder import Deadlines, current_deadline
+
+    throttler = Throttler(max_concurrency=2, name="django-deadlines")
+    seen: list[tuple[float, float | None]] = []
+
+    @shed_load(throttler, priority="critical")
+    def view(request: HttpRequest) -> HttpResponse:
+        seen.append((request.META["shedder.deadline"], current_deadline()))
+        return HttpResponse("ok")
+
+    @shed_load(throttler, deadlines=Deadlines(max_budget=1.0))
+    async def async_view(request: HttpRequest) -> HttpResponse:
+        seen.append((request.META["shedder.deadline"], current_deadline()))
+        return HttpResponse("ok")
+
+    factory = RequestFactory()
+    before = time.monotonic()
+    assert view(factory.get("/", HTTP_GRPC_TIMEOUT="2S")).status_code == 200
+    # An untrusted peer's hour is cut to max_budget.
+    request = factory.get("/", HTTP_X_ENVOY_EXPECTED_RQ_TIMEOUT_MS="3600000")
+    assert asyncio.run(async_view(request)).status_code == 200
+    expired = view(factory.head("/", HTTP_GRPC_TIMEOUT="0n"))
+    (fast_deadline, fast_current), (capped_deadline, capped_current) = seen
+    assert before + 1.9 < fast_deadline <= time.monotonic() + 2.0
+    assert fast_current == fast_deadline
+    assert before + 0.9 < capped_deadline <= time.monotonic() + 1.0
+    assert capped_current == capped_deadline
+    assert expired.status_code == 503
+    assert expired.headers["x-shedder-refused"] == "1"
+    assert expired.content == b""  # HEAD
+    stats = throttler.stats()
+    assert stats.admitted_by_priority["critical"] == 1
+    assert stats.shed_by_priority["critical"]["deadline_exceeded"] == 1
+    assert throttler.in_flight == 0

@@ -264,3 +264,70 @@ def test_shed_load_outside_flask_says_so() -> None:
 
     with pytest.raises(RuntimeError, match=r"Flask views only.*Quart"):
         view()
+
+
+# -- priority and deadlines ----------------------------------------------------------------------
+
+
+def test_an_unknown_priority_is_named_at_decoration(heavy: Throttler) -> None:
+    with pytest.raises(ValueError, match=r"priority must be one of .*'bulk'"):
+        shed_load(heavy, priority="bulk")
+
+
+def test_priority_and_deadlines_on_a_flask_view() -> None:
+    import time
+
+    from shedder import current_deadline
+
+    throttler = Throttler(max_concurrency=1, max_queue=4, queue_timeout=10.0)
+    app = flask.Flask(__name__)
+    seen: list[tuple[float, float | None]] = []
+    inside, opened = threading.Event(), threading.Event()
+
+    @app.get("/work")
+    @shed_load(throttler, priority="sheddable")
+    def work() -> str:
+        if flask.request.args.get("hold"):
+            inside.set()
+            opened.wait(10)
+        else:
+            seen.append((flask.request.environ["shedder.deadline"], current_deadline()))
+        return "done"
+
+    @app.get("/async")
+    @shed_load(throttler)
+    async def async_work() -> str:
+        seen.append((flask.request.environ["shedder.deadline"], current_deadline()))
+        return "done"
+
+    def get(path: str, headers: dict[str, str] | None = None) -> Any:
+        with app.test_client().get(path, headers=headers or {}) as response:  # closed: slot freed
+            return response
+
+    before = time.monotonic()
+    assert get("/work", {"grpc-timeout": "2S"}).data == b"done"
+    assert get("/async", {"grpc-timeout": "2S"}).data == b"done"
+    expired = get("/work", {"grpc-timeout": "0n"})
+    holder = threading.Thread(target=get, args=("/work?hold=1",))
+    holder.start()
+    try:
+        assert inside.wait(5)
+        started = time.monotonic()
+        late = get("/work", {"x-envoy-expected-rq-timeout-ms": "100"})
+        waited = time.monotonic() - started
+    finally:
+        opened.set()
+        holder.join(5)
+    assert len(seen) == 2
+    for deadline, current in seen:
+        assert before + 1.9 < deadline <= time.monotonic() + 2.0
+        assert current == deadline
+    assert expired.status_code == 503
+    assert expired.json == {"error": "overloaded", "reason": "deadline_exceeded", "retry_after": 1}
+    assert expired.headers["x-shedder-refused"] == "1"
+    assert late.json["reason"] == "deadline_exceeded"
+    assert 0.09 <= waited < 1.0
+    stats = throttler.stats()
+    assert stats.admitted_by_priority["sheddable"] == 2
+    assert stats.shed_by_priority["sheddable"]["deadline_exceeded"] == 2
+    assert throttler.in_flight == 0

@@ -265,3 +265,127 @@ def test_shed_load_above_the_route_decorator_is_an_error() -> None:
         @app.get("/items")
         async def misplaced() -> dict[str, int]:
             return {}
+
+
+# -- priority and deadlines ----------------------------------------------------------------------
+
+
+def test_an_unknown_priority_is_named_at_decoration() -> None:
+    throttler = Throttler(max_concurrency=1, priorities=("critical", "default"))
+    with pytest.raises(ValueError, match=r"priority must be one of .*critical, default.*'urgent'"):
+        shed_load(throttler, priority="urgent")
+    with pytest.raises(TypeError, match="deadlines"):
+        shed_load(throttler, deadlines=5.0)  # type: ignore[arg-type]
+
+
+async def test_priority_and_deadlines_on_a_starlette_endpoint() -> None:
+    import time
+
+    from shedder import Deadlines, current_deadline
+
+    throttler = Throttler(max_concurrency=1, max_queue=4, queue_timeout=10.0)
+    inside, gate = asyncio.Event(), asyncio.Event()
+    seen: list[tuple[float, float | None]] = []
+
+    @shed_load(throttler, priority="critical")
+    async def work(request: Request) -> PlainTextResponse:
+        if request.query_params.get("hold"):
+            inside.set()
+            await gate.wait()
+        else:
+            seen.append((request.scope["shedder.deadline"], current_deadline()))
+        return PlainTextResponse("done")
+
+    @shed_load(throttler, deadlines=None)
+    async def ignores(request: Request) -> PlainTextResponse:
+        return PlainTextResponse(str(request.scope.get("shedder.deadline")))
+
+    @shed_load(throttler, deadlines=Deadlines(margin=0.05))
+    def sync_work(request: Request) -> PlainTextResponse:
+        seen.append((request.scope["shedder.deadline"], current_deadline()))
+        return PlainTextResponse("done")
+
+    app = Starlette(
+        routes=[Route("/work", work), Route("/ignores", ignores), Route("/sync", sync_work)]
+    )
+    async with client_for(app) as client:
+        before = time.monotonic()
+        assert (await client.get("/work", headers={"grpc-timeout": "2S"})).text == "done"
+        assert (await client.get("/sync", headers={"grpc-timeout": "2S"})).text == "done"
+        expired = await client.get("/work", headers={"grpc-timeout": "0n"})
+        assert (await client.get("/ignores", headers={"grpc-timeout": "0n"})).text == "None"
+        holder = asyncio.create_task(client.get("/work", params={"hold": "1"}))
+        await inside.wait()
+        started = time.monotonic()
+        late = await client.get("/work", headers={"x-envoy-expected-rq-timeout-ms": "100"})
+        waited = time.monotonic() - started
+        gate.set()
+        await holder
+    for deadline, current in seen:
+        assert before + 1.9 < deadline <= time.monotonic() + 2.0
+        assert current == deadline  # shedder.client calls made meanwhile end by it
+    assert len(seen) == 2
+    assert expired.status_code == 503
+    assert expired.json()["reason"] == "deadline_exceeded"
+    assert late.json()["reason"] == "deadline_exceeded"
+    assert 0.09 <= waited < 1.0
+    stats = throttler.stats()
+    assert stats.admitted_by_priority["critical"] == 2  # /work (and the held one)
+    assert stats.shed_by_priority["critical"]["deadline_exceeded"] == 2
+
+
+async def test_fastapi_endpoints_get_deadlines_without_asking_for_the_request() -> None:
+    import time
+
+    from shedder import current_deadline
+
+    throttler = Throttler(max_concurrency=2)
+    app = FastAPI()
+
+    @app.get("/items/{item_id}")
+    @shed_load(throttler)
+    async def item(item_id: int) -> dict[str, Any]:
+        deadline = current_deadline()
+        return {"id": item_id, "left": None if deadline is None else deadline - time.monotonic()}
+
+    @app.get("/sync")
+    @shed_load(throttler)
+    def sync(request: Request) -> dict[str, Any]:
+        deadline = current_deadline()  # in the thread pool's copy of the context
+        assert deadline == request.scope["shedder.deadline"]
+        return {"left": deadline - time.monotonic()}
+
+    async with client_for(app) as client:
+        fast = (await client.get("/items/3", headers={"grpc-timeout": "1500m"})).json()
+        plain = (await client.get("/items/4")).json()
+        refused = await client.get(
+            "/items/5",
+            headers={
+                "x-envoy-expected-rq-timeout-ms": "1",
+                "x-request-start": f"t={time.time() - 1:.3f}",
+            },
+        )
+        sync = (await client.get("/sync", headers={"grpc-timeout": "3S"})).json()
+        schema = (await client.get("/openapi.json")).json()
+    assert fast["id"] == 3
+    assert 1.4 < fast["left"] <= 1.5
+    assert plain == {"id": 4, "left": None}
+    assert refused.json()["reason"] == "deadline_exceeded"
+    assert 2.9 < sync["left"] <= 3.0
+    parameters = schema["paths"]["/items/{item_id}"]["get"]["parameters"]
+    assert [p["name"] for p in parameters] == ["item_id"]  # the request is no field
+
+
+def test_the_hidden_request_parameter_comes_before_var_keyword() -> None:
+    import inspect
+
+    @shed_load(Throttler(max_concurrency=1))
+    async def endpoint(item_id: int, *args: Any, **extra: Any) -> None: ...
+
+    kinds = [(p.name, p.kind.name) for p in inspect.signature(endpoint).parameters.values()]
+    assert kinds == [
+        ("item_id", "POSITIONAL_OR_KEYWORD"),
+        ("args", "VAR_POSITIONAL"),
+        ("shedder_request__", "KEYWORD_ONLY"),
+        ("extra", "VAR_KEYWORD"),
+    ]

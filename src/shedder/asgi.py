@@ -430,6 +430,7 @@ class LoadSheddingMiddleware:
                 watch = budget > 0 or not more_body  # a complete body: only a disconnect can follow
             try:
                 permit = await acquire
+                permit.deadline = deadline  # a grant after a wait does not carry it
             except Overloaded as refusal:
                 status, headers, payload = self._gate.refusal(refusal)
                 await _send_response(send, status, headers, payload)

@@ -15,8 +15,8 @@ from __future__ import annotations
 import functools
 import inspect
 import weakref
-from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, Literal, cast
 
 try:
     from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -28,7 +28,10 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError('shedder.django needs Django: pip install "loadshedder[django]"') from None
 
 from ._core.errors import Overloaded
-from ._core.throttler import Permit, Throttler
+from ._core.throttler import Permit, Throttler, Waiting
+from ._core.wire import deadline_scope
+from ._web.deadlines import Deadlines
+from ._web.gate import DEFAULT_DEADLINES, Gate
 from ._web.http import (
     DEFAULT_HEALTH_PATH,
     DEFAULT_LIVE_PATH,
@@ -262,6 +265,9 @@ def shed_load(
     status_code: int = 503,
     responder: ShedResponder | None = None,
     timeout: float | None = None,
+    priority: str | None = None,
+    deadlines: Deadlines | None = DEFAULT_DEADLINES,
+    trusted_peers: Iterable[str] = (),
 ) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
     """Throttle one Django view with ``throttler``; refusals get the 503 + ``Retry-After`` reply.
 
@@ -269,17 +275,45 @@ def shed_load(
     result of ``as_view()`` or use ``method_decorator``). The slot is held until the server
     closes the response. ``status_code`` is 503 or 429; ``responder`` builds a custom refusal;
     ``timeout`` overrides the throttler's ``queue_timeout`` (seconds).
+
+    ``priority`` names the throttler's class for this view's requests (``ValueError`` at
+    decoration if the throttler has no such class). ``deadlines`` reads the request's deadline
+    as the other adapters do (:class:`shedder.Deadlines`; None: ignore it): a request waits at
+    most until its deadline, is refused with ``"deadline_exceeded"`` when that passes, and the
+    view finds the deadline (``time.monotonic()`` seconds) in
+    ``request.META["shedder.deadline"]``, in force for shedder's client while it runs.
+    Deadlines longer than ``deadlines.max_budget`` are cut to it unless the peer is in
+    ``trusted_peers``.
     """
     if not isinstance(throttler, Throttler):
         raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
     check_status_code(status_code)
     if responder is not None and not callable(responder):
         raise TypeError(f"responder must be callable, got {responder!r}")
+    # Encoded per refusal, never shared: middleware after the view may change a response.
+    gate: Gate[HTTPResponse] = Gate(
+        throttler,
+        _same,
+        status_code=status_code,
+        responder=responder,
+        priority=priority,
+        deadlines=deadlines,
+        trusted_peers=trusted_peers,
+        timeout=timeout,
+    )
 
-    def refuse(refusal: Overloaded) -> HttpResponse:
-        if responder is not None:
-            return _to_django(responder(refusal))
-        return _to_django(shed_response(refusal, status_code))
+    def admit(
+        request: HttpRequest, waiter: Literal["thread", "async"]
+    ) -> tuple[Permit | Overloaded | Waiting, float | None]:
+        decision, deadline = gate.admit(
+            request.headers.get, request.META.get("REMOTE_ADDR"), None, waiter
+        )
+        if deadline is not None:
+            meta = request.META
+            known = meta.get("shedder.deadline")
+            # Set by the middleware too: the view sees the earlier of the two.
+            meta["shedder.deadline"] = deadline if known is None else min(known, deadline)
+        return decision, deadline
 
     def decorate(view: Callable[..., Any]) -> Callable[..., Any]:
         if inspect.iscoroutinefunction(view):
@@ -287,12 +321,20 @@ def shed_load(
 
             @functools.wraps(view)
             async def async_wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+                decision, deadline = admit(request, "async")
+                if isinstance(decision, Waiting):
+                    try:
+                        decision = await decision.wait_async()
+                    except Overloaded as refusal:
+                        decision = refusal
+                    else:
+                        decision.deadline = deadline  # a grant after a wait does not carry it
+                if isinstance(decision, Overloaded):
+                    return _to_django(gate.refusal(decision), request.method or "GET")
+                permit = decision
                 try:
-                    permit = await throttler.acquire_async(timeout)
-                except Overloaded as refusal:
-                    return refuse(refusal)
-                try:
-                    response = await async_view(request, *args, **kwargs)
+                    with deadline_scope(deadline):
+                        response = await async_view(request, *args, **kwargs)
                 except BaseException:
                     permit.release()
                     raise
@@ -302,12 +344,20 @@ def shed_load(
 
         @functools.wraps(view)
         def wrapper(request: HttpRequest, *args: Any, **kwargs: Any) -> Any:
+            decision, deadline = admit(request, "thread")
+            if isinstance(decision, Waiting):
+                try:
+                    decision = decision.wait()
+                except Overloaded as refusal:
+                    decision = refusal
+                else:
+                    decision.deadline = deadline  # a grant after a wait does not carry it
+            if isinstance(decision, Overloaded):
+                return _to_django(gate.refusal(decision), request.method or "GET")
+            permit = decision
             try:
-                permit = throttler.acquire(timeout)
-            except Overloaded as refusal:
-                return refuse(refusal)
-            try:
-                response = view(request, *args, **kwargs)
+                with deadline_scope(deadline):
+                    response = view(request, *args, **kwargs)
             except BaseException:
                 permit.release()
                 raise
@@ -316,3 +366,7 @@ def shed_load(
         return wrapper
 
     return decorate
+
+
+def _same(response: HTTPResponse) -> HTTPResponse:
+    return response

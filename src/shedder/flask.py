@@ -11,8 +11,8 @@ import functools
 import gc
 import inspect
 import weakref
-from collections.abc import Awaitable, Callable, Sequence
-from typing import Any, ParamSpec, Protocol, cast, overload
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any, Literal, ParamSpec, Protocol, cast, overload
 
 try:
     import flask
@@ -20,14 +20,16 @@ except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError('shedder.flask needs Flask: pip install "loadshedder[flask]"') from None
 
 from ._core.errors import Overloaded
-from ._core.throttler import Permit, Throttler, throttlers
+from ._core.throttler import Permit, Throttler, Waiting, throttlers
+from ._core.wire import deadline_scope
+from ._web.deadlines import Deadlines
+from ._web.gate import DEFAULT_DEADLINES, Gate
 from ._web.http import (
     DEFAULT_HEALTH_PATH,
     HTTPResponse,
     ShedResponder,
     _json_response,
     health_response,
-    shed_response,
 )
 from ._web.settings import check_status_code
 from .wsgi import _Reclaimer
@@ -84,6 +86,9 @@ def shed_load(
     status_code: int = 503,
     responder: ShedResponder | None = None,
     timeout: float | None = None,
+    priority: str | None = None,
+    deadlines: Deadlines | None = DEFAULT_DEADLINES,
+    trusted_peers: Iterable[str] = (),
 ) -> ViewDecorator:
     """Throttle one Flask view with ``throttler``; refusals get the 503 + ``Retry-After`` reply.
 
@@ -92,18 +97,45 @@ def shed_load(
     builds a custom refusal; ``timeout`` overrides the throttler's ``queue_timeout`` (seconds).
     Works for sync and ``async def`` views; the view's return value is turned into a
     response with ``make_response``.
+
+    ``priority`` names the throttler's class for this view's requests (``ValueError`` at
+    decoration if the throttler has no such class). ``deadlines`` reads the request's deadline
+    as the middleware does (:class:`shedder.Deadlines`; None: ignore it): a request waits at
+    most until its deadline, is refused with ``"deadline_exceeded"`` when that passes, and the
+    view finds the deadline (``time.monotonic()`` seconds) in
+    ``request.environ["shedder.deadline"]``, in force for shedder's client while it runs.
+    Deadlines longer than ``deadlines.max_budget`` are cut to it unless the peer is in
+    ``trusted_peers``.
     """
     if not isinstance(throttler, Throttler):
         raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
     check_status_code(status_code)
-    if responder is None:
-
-        def respond(refusal: Overloaded) -> HTTPResponse:
-            return shed_response(refusal, status_code)
-
-        responder = respond
-    build_refusal: ShedResponder = responder
+    if responder is not None and not callable(responder):
+        raise TypeError(f"responder must be callable, got {responder!r}")
+    # Encoded per refusal, never shared: after_request hooks may change a response (cookies).
+    gate: Gate[HTTPResponse] = Gate(
+        throttler,
+        _same,
+        status_code=status_code,
+        responder=responder,
+        priority=priority,
+        deadlines=deadlines,
+        trusted_peers=trusted_peers,
+        timeout=timeout,
+    )
     orphans = _Reclaimer()
+
+    def admit(
+        waiter: Literal["thread", "async"],
+    ) -> tuple[Permit | Overloaded | Waiting, float | None]:
+        request = flask.request
+        decision, deadline = gate.admit(request.headers.get, request.remote_addr, None, waiter)
+        if deadline is not None:
+            environ = request.environ
+            known = environ.get("shedder.deadline")
+            # Set by the middleware too: the view sees the earlier of the two.
+            environ["shedder.deadline"] = deadline if known is None else min(known, deadline)
+        return decision, deadline
 
     def decorate(view: Callable[P, Any]) -> Callable[P, Any]:
         _check_not_routed(view)
@@ -114,12 +146,20 @@ def shed_load(
             async def async_wrapper(*args: P.args, **kwargs: P.kwargs) -> flask.Response:
                 _check_flask()
                 orphans.reclaim()
+                decision, deadline = admit("async")
+                if isinstance(decision, Waiting):
+                    try:
+                        decision = await decision.wait_async()
+                    except Overloaded as refusal:
+                        decision = refusal
+                    else:
+                        decision.deadline = deadline  # a grant after a wait does not carry it
+                if isinstance(decision, Overloaded):
+                    return _to_flask(gate.refusal(decision))
+                permit = decision
                 try:
-                    permit = await throttler.acquire_async(timeout)
-                except Overloaded as refusal:
-                    return _to_flask(build_refusal(refusal))
-                try:
-                    rv = await async_view(*args, **kwargs)
+                    with deadline_scope(deadline):
+                        rv = await async_view(*args, **kwargs)
                 except BaseException:
                     permit.release()
                     raise
@@ -131,12 +171,20 @@ def shed_load(
         def wrapper(*args: P.args, **kwargs: P.kwargs) -> flask.Response:
             _check_flask()
             orphans.reclaim()
+            decision, deadline = admit("thread")
+            if isinstance(decision, Waiting):
+                try:
+                    decision = decision.wait()
+                except Overloaded as refusal:
+                    decision = refusal
+                else:
+                    decision.deadline = deadline  # a grant after a wait does not carry it
+            if isinstance(decision, Overloaded):
+                return _to_flask(gate.refusal(decision))
+            permit = decision
             try:
-                permit = throttler.acquire(timeout)
-            except Overloaded as refusal:
-                return _to_flask(build_refusal(refusal))
-            try:
-                rv = view(*args, **kwargs)
+                with deadline_scope(deadline):
+                    rv = view(*args, **kwargs)
             except BaseException:
                 permit.release()
                 raise
@@ -145,6 +193,10 @@ def shed_load(
         return wrapper
 
     return cast(ViewDecorator, decorate)
+
+
+def _same(response: HTTPResponse) -> HTTPResponse:
+    return response
 
 
 def _hold_until_closed(rv: Any, permit: Permit, orphans: _Reclaimer) -> flask.Response:

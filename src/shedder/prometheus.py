@@ -100,7 +100,10 @@ _HELP = {
     "queue_limit": "Places in the throttler's wait queue (max_queue).",
     "admitted": "Requests given a slot, by priority class.",
     "cancelled": "Waiters that gave up (cancelled, interrupted) before getting a slot.",
-    "shed": "Requests refused, by priority class and reason (overloaded, queue_full, ...).",
+    "shed": (
+        "Requests refused, by priority class and reason"
+        " (overloaded, queue_full, queue_timeout, deadline_exceeded)."
+    ),
     "queue_wait_seconds": "Time admitted requests waited for a slot (0 on the fast path).",
     "slot_hold_seconds": "Time a slot was held, from admission to release.",
 }

@@ -13,23 +13,33 @@ import functools
 import gc
 import inspect
 import weakref
-from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import (
+    AsyncIterable,
+    AsyncIterator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Iterable,
+    Mapping,
+)
 from typing import Any, ParamSpec, Protocol, TypeVar, cast, overload
 
 from ._core.errors import Overloaded
-from ._core.throttler import Permit, Throttler, throttlers
+from ._core.throttler import Permit, Throttler, Waiting, throttlers
+from ._core.wire import deadline_scope
+from ._web.deadlines import Deadlines
+from ._web.gate import DEFAULT_DEADLINES, Gate
 from ._web.http import (
     DEFAULT_HEALTH_PATH,
     HTTPResponse,
     ShedResponder,
     health_response,
-    shed_response,
 )
 from ._web.settings import check_status_code
 
 try:
     from starlette.concurrency import run_in_threadpool
-    from starlette.requests import Request
+    from starlette.requests import HTTPConnection, Request
     from starlette.responses import JSONResponse, Response, StreamingResponse
     from starlette.routing import Route
 except ImportError:  # pragma: no cover - exercised only without the extra
@@ -91,6 +101,9 @@ def shed_load(
     *,
     status_code: int = 503,
     responder: ShedResponder | None = None,
+    priority: str | None = None,
+    deadlines: Deadlines | None = DEFAULT_DEADLINES,
+    trusted_peers: Iterable[str] = (),
 ) -> ShedLoadDecorator:
     """Guard one Starlette or FastAPI endpoint with ``throttler``.
 
@@ -100,8 +113,18 @@ def shed_load(
     endpoint returns; for a :class:`~starlette.responses.StreamingResponse`, until its body
     has been streamed (or the response is dropped).
 
+    ``priority`` names the throttler's class for this endpoint's requests (``ValueError`` at
+    decoration if the throttler has no such class). ``deadlines`` reads the request's deadline
+    as the middleware does (:class:`shedder.Deadlines`; None: ignore it): a request waits at
+    most until its deadline, is refused with ``"deadline_exceeded"`` when that passes, and the
+    endpoint finds the deadline (``time.monotonic()`` seconds) in
+    ``request.scope["shedder.deadline"]``, in force for shedder's client while it runs.
+    Deadlines longer than ``deadlines.max_budget`` are cut to it unless the peer is in
+    ``trusted_peers``.
+
     FastAPI still sees the endpoint's own signature (``functools.wraps``), so dependencies,
-    request bodies and the OpenAPI schema are unchanged.
+    request bodies and the OpenAPI schema are unchanged; to read the headers, the guard asks
+    FastAPI for the :class:`~starlette.requests.Request` through a hidden keyword parameter.
 
     Sync endpoints: the slot is taken on the event loop *before* the call is handed to the
     thread pool (anyio's default limiter: 40 threads). So waiting happens in the throttler's
@@ -118,10 +141,45 @@ def shed_load(
     check_status_code(status_code)
     if responder is not None and not callable(responder):
         raise TypeError(f"responder must be callable, got {responder!r}")
+    gate: Gate[HTTPResponse] = Gate(
+        throttler,
+        _same,
+        status_code=status_code,
+        responder=responder,
+        priority=priority,
+        deadlines=deadlines,
+        trusted_peers=trusted_peers,
+    )
 
-    def refuse(refusal: Overloaded) -> Response:
-        built = shed_response(refusal, status_code) if responder is None else responder(refusal)
-        return to_response(built)
+    async def admit(
+        args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[Permit, float | None] | Response:
+        """A slot for this call and its deadline, or the refusal to return instead."""
+        request = kwargs.pop(_REQUEST_PARAMETER, None)
+        if request is None:
+            request = _find_request(args, kwargs)
+        if request is None or gate.passive:
+            decision, deadline = gate.admit(_no_header, None, None, "async")
+        else:
+            client = request.client
+            decision, deadline = gate.admit(
+                request.headers.get, client.host if client else None, None, "async"
+            )
+        if isinstance(decision, Waiting):
+            try:
+                decision = await decision.wait_async()
+            except Overloaded as refusal:
+                decision = refusal
+            else:
+                decision.deadline = deadline  # a grant after a wait does not carry it
+        if isinstance(decision, Overloaded):
+            return to_response(gate.refusal(decision))
+        if deadline is not None and request is not None:
+            scope = request.scope
+            known = scope.get("shedder.deadline")
+            # Set by the middleware too: the endpoint sees the earlier of the two.
+            scope["shedder.deadline"] = deadline if known is None else min(known, deadline)
+        return decision, deadline
 
     def decorate(endpoint: Callable[..., Any]) -> Callable[..., Coroutine[Any, Any, Any]]:
         _check_not_routed(endpoint)
@@ -134,12 +192,13 @@ def shed_load(
 
             @functools.wraps(endpoint)
             async def guarded(*args: Any, **kwargs: Any) -> Any:
+                admitted = await admit(args, kwargs)
+                if isinstance(admitted, Response):
+                    return admitted
+                permit, deadline = admitted
                 try:
-                    permit = await throttler.acquire_async()
-                except Overloaded as refusal:
-                    return refuse(refusal)
-                try:
-                    result = await endpoint(*args, **kwargs)
+                    with deadline_scope(deadline):
+                        result = await endpoint(*args, **kwargs)
                 except BaseException:
                     permit.release()
                     raise
@@ -150,20 +209,71 @@ def shed_load(
             @functools.wraps(endpoint)
             async def guarded(*args: Any, **kwargs: Any) -> Any:
                 # On the loop, before the thread pool: see the docstring.
+                admitted = await admit(args, kwargs)
+                if isinstance(admitted, Response):
+                    return admitted
+                permit, deadline = admitted
                 try:
-                    permit = await throttler.acquire_async()
-                except Overloaded as refusal:
-                    return refuse(refusal)
-                try:
-                    result = await run_in_threadpool(endpoint, *args, **kwargs)
+                    # The thread pool runs the endpoint in a copy of this context.
+                    with deadline_scope(deadline):
+                        result = await run_in_threadpool(endpoint, *args, **kwargs)
                 except BaseException:
                     permit.release()
                     raise
                 return _hold_until_sent(result, permit)
 
+        if not gate.passive:
+            _ask_for_the_request(guarded, endpoint)
         return guarded
 
     return cast(ShedLoadDecorator, decorate)
+
+
+_REQUEST_PARAMETER = "shedder_request__"
+"""The keyword parameter through which FastAPI hands the guard the request."""
+
+
+def _same(response: HTTPResponse) -> HTTPResponse:
+    return response
+
+
+def _no_header(name: str) -> None:
+    return None
+
+
+def _find_request(args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> HTTPConnection | None:
+    """The request among an endpoint's arguments (Starlette passes it first; a method gets it
+    after ``self``; FastAPI by name, when the endpoint asks for it)."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, HTTPConnection):
+            return value
+    return None
+
+
+def _ask_for_the_request(guarded: Callable[..., Any], endpoint: Callable[..., Any]) -> None:
+    """Add a keyword parameter typed ``HTTPConnection`` to ``guarded``'s signature, so that
+    FastAPI passes the request (it injects one for a parameter of that type, in a slot of its
+    own: an endpoint's ``request: Request`` is still served); Starlette ignores signatures.
+    OpenAPI lists no such parameter: a connection is not a field."""
+    try:
+        signature = inspect.signature(endpoint)
+    except (TypeError, ValueError):  # pragma: no cover - a builtin or an odd callable
+        return
+    parameters = list(signature.parameters.values())
+    for parameter in parameters:
+        annotation = parameter.annotation
+        if annotation is HTTPConnection or (
+            isinstance(annotation, str) and annotation.rpartition(".")[2] == "HTTPConnection"
+        ):
+            return  # FastAPI fills one such slot only; the guard finds it among the arguments
+    hidden = inspect.Parameter(
+        _REQUEST_PARAMETER, inspect.Parameter.KEYWORD_ONLY, annotation=HTTPConnection
+    )
+    at = len(parameters)
+    if parameters and parameters[-1].kind is inspect.Parameter.VAR_KEYWORD:
+        at -= 1  # keyword-only parameters come before **kwargs
+    parameters.insert(at, hidden)
+    guarded.__signature__ = signature.replace(parameters=parameters)  # type: ignore[attr-defined]
 
 
 def _hold_until_sent(result: R, permit: Permit) -> R:

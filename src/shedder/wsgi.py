@@ -195,6 +195,7 @@ class LoadSheddingMiddleware:
         if isinstance(decision, Waiting):
             try:
                 decision = decision.wait()
+                decision.deadline = deadline  # a grant after a wait does not carry it
             except Overloaded as refusal:
                 decision = refusal
         if isinstance(decision, Overloaded):

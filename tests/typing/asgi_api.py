@@ -9,7 +9,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from shedder import Throttler
+from shedder import Deadlines, Throttler
 from shedder.asgi import LoadSheddingMiddleware
 from shedder.starlette import health_route, shed_load
 
@@ -21,7 +21,7 @@ async def async_endpoint(request: Request) -> Response:
     return Response("ok")
 
 
-@shed_load(throttler, status_code=429)
+@shed_load(throttler, status_code=429, priority="critical", deadlines=Deadlines(margin=0.01))
 def sync_endpoint(request: Request, times: int = 1) -> dict[str, int]:
     return {"times": times}
 

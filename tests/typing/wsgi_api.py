@@ -14,7 +14,9 @@ throttler = Throttler(max_concurrency=2)
 app = flask.Flask(__name__)
 
 
-@shed_load(throttler, status_code=429, timeout=0.5)
+@shed_load(
+    throttler, status_code=429, timeout=0.5, priority="default", trusted_peers=["10.0.0.0/8"]
+)
 def view(item_id: int, *, verbose: bool = False) -> str:
     return str(item_id)
 

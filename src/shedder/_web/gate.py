@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Generic, Literal, TypeVar
 
+from shedder._core.checks import check_seconds
 from shedder._core.errors import Overloaded
 from shedder._core.throttler import Outcome, Permit, Throttler, Waiting
 
@@ -125,7 +126,12 @@ class Gate(Generic[E]):
         trusted_peers: Iterable[str] = (),
         deadlines: Deadlines | None = None,
         outcome: OutcomeOf = default_outcome,
+        priority: str | None = None,
+        timeout: float | None = None,
     ) -> None:
+        """``priority``: the class of requests no ``classify`` or priority header places
+        (None: the throttler's default); ``timeout``: replaces the throttler's
+        ``queue_timeout`` for these requests (a route decorator's ``timeout=``)."""
         self.throttler = throttler
         self._encode = encode
         self._status_code = status_code
@@ -148,6 +154,16 @@ class Gate(Generic[E]):
         if not callable(outcome):
             raise TypeError(f"outcome must be callable, got {outcome!r}")
         self.outcome = outcome
+        if priority is not None:
+            if not isinstance(priority, str):
+                raise TypeError(f"priority must be a class name or None, got {priority!r}")
+            if priority not in throttler.priorities:
+                raise ValueError(
+                    f"priority must be one of the classes of throttler {throttler.name!r} "
+                    f"({', '.join(throttler.priorities)}), got {priority!r}"
+                )
+        self.priority = priority
+        self._timeout = None if timeout is None else check_seconds("timeout", timeout)
         names = [] if self._priority_header is None else [self._priority_header]
         if deadlines is not None:
             names.extend(deadlines.header_names())
@@ -191,7 +207,10 @@ class Gate(Generic[E]):
         """The throttler's decision for one request, and its deadline (monotonic s, or None).
 
         ``get`` reads one of :attr:`header_names` (None if absent); ``request`` builds the
-        view for ``classify`` (needed only when one is configured).
+        view for ``classify`` (needed only when one is configured). A :class:`Permit` given
+        here carries the deadline; one granted later by a :class:`Waiting` does not (the
+        throttler only knows when the wait must end): set ``permit.deadline`` from the
+        returned deadline.
         """
         priority: str | None = None
         flow: Hashable = None
@@ -208,21 +227,30 @@ class Gate(Generic[E]):
             # A client must not make itself critical: only trusted peers (a gateway) may say.
             if value is not None and value in throttler.priorities and self.is_trusted(client):
                 priority = value
-        deadline = wait_until = timeout = None
+        if priority is None:
+            priority = self.priority
+        deadline = wait_until = on_clock = None
+        timeout = self._timeout
         deadlines = self.deadlines
         if deadlines is not None:
             budget, spent = deadlines.read(get, time.time())
             if spent:
-                timeout = max(throttler.queue_timeout - spent, 0.0)
+                # Time spent in front counts against the queue's own limit as well.
+                queue_timeout = throttler.queue_timeout if timeout is None else timeout
+                timeout = max(queue_timeout - spent, 0.0)
             if budget is not None:
                 if budget > deadlines.max_budget and not self.is_trusted(client):
-                    budget = deadlines.max_budget - spent
-                now = time.monotonic()
-                deadline = now + budget
-                wait_until = deadline - deadlines.margin
+                    budget = deadlines.max_budget
+                left = budget - spent
+                # The app and the client read time.monotonic(); the throttler its own clock.
+                deadline = time.monotonic() + left
+                on_clock = throttler._clock() + left
+                wait_until = on_clock - deadlines.margin
         decision = throttler.admit(
             priority=priority, flow=flow, deadline=wait_until, timeout=timeout, waiter=waiter
         )
+        if on_clock is not None and type(decision) is Permit:
+            decision.deadline = on_clock  # the request's, not its latest start (the margin)
         return decision, deadline
 
     def refusal(self, refusal: Overloaded) -> E:
