@@ -83,9 +83,11 @@ class Server:
             assert time.monotonic() < deadline, self.figures()
             self.hold(gate)  # lands on any worker: refused at once if that one is full
             holder = self.holders[-1]
-            assert wait_for(
-                lambda: not holder.is_alive() or self.figures().in_flight > in_flight, timeout=5
-            )
+
+            def settled(holder: threading.Thread = holder, before: int = in_flight) -> bool:
+                return not holder.is_alive() or self.figures().in_flight > before
+
+            assert wait_for(settled, timeout=5)
 
     def occupy(self, seconds: float) -> list[Response]:
         """Keep one slot and thread busy for ``seconds`` (no gate: with one thread, a request
@@ -143,7 +145,7 @@ def gunicorn(
         if process.poll() is not None:
             return True
         try:
-            return server.health()["workers"] == workers  # type: ignore[index]
+            return server.health()["workers"] == workers
         except (httpx.TransportError, KeyError, ValueError):
             return False
 
@@ -152,7 +154,7 @@ def gunicorn(
             raise RuntimeError(f"gunicorn did not start:\n{server.output()[-3000:]}")
         yield server
     finally:
-        for holder in server.holders:  # a failed test may leave requests held
+        for _ in server.holders:  # a failed test may leave requests held
             with contextlib.suppress(httpx.HTTPError):
                 httpx.get(f"{server.url}/open/held", timeout=1)
         process.terminate()
@@ -232,7 +234,9 @@ def test_full_house_is_refused_before_the_pool(tmp_path: Path, workers: int) -> 
 
         assert_refused_by_worker(request(server.port, get("/echo")))
         head = request(server.port, get("/echo", method="HEAD"))
-        assert head.status == 503 and head.body == b"" and head.closed
+        assert head.status == 503
+        assert head.body == b""
+        assert head.closed
         assert head.headers["content-length"] != "0"
         # Deadlines are read from the peeked headers: one already spent is refused as such.
         late = request(server.port, get("/echo", "x-envoy-expected-rq-timeout-ms: 0"))
@@ -240,7 +244,8 @@ def test_full_house_is_refused_before_the_pool(tmp_path: Path, workers: int) -> 
 
         # Health, liveness and exempt paths are never refused: the middleware serves them.
         health = request(server.port, get("/health/load"))
-        assert health.status == 503 and health.headers["server"] == "gunicorn"
+        assert health.status == 503
+        assert health.headers["server"] == "gunicorn"
         assert json.loads(health.body)["status"] == "overloaded"
         assert request(server.port, get("/health/live")).status == 200
         assert request(server.port, get("/open/other")).status == 200
@@ -257,7 +262,8 @@ def test_keep_alive_connection_refused_mid_stream(tmp_path: Path, workers: int) 
     with gunicorn(tmp_path, workers=workers, env=env) as server:
         with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
             first = exchange(sock, get("/echo"))
-            assert first.status == 200 and first.headers["connection"] == "keep-alive"
+            assert first.status == 200
+            assert first.headers["connection"] == "keep-alive"
             server.saturate("held", slots=workers)
             # A body the worker never reads: the connection must still close with a FIN
             # after the whole 503, not a reset that could destroy it.
@@ -279,7 +285,8 @@ def test_the_wait_for_a_thread_counts_against_queue_timeout(tmp_path: Path) -> N
         started = time.monotonic()
         late = request(server.port, get("/echo"))  # queued in gunicorn: no thread is free
         elapsed = time.monotonic() - started
-        assert late.status == 503 and late.headers["server"] == "gunicorn"
+        assert late.status == 503
+        assert late.headers["server"] == "gunicorn"
         assert json.loads(late.body)["reason"] == "queue_timeout"
         # Its clock started when the worker queued it, not when a thread took it (~0.8 s).
         assert elapsed < 0.7
