@@ -628,6 +628,7 @@ async def test_deadline_refusals_are_counted_in_health_and_metrics() -> None:
         for sample in family.samples
         if sample.name == "shedder_throttler_shed_total"
         and sample.labels["throttler"] == "deadline-metrics"
+        and sample.labels["priority"] == "default"
     }
     assert shed == {
         "deadline_exceeded": 2.0,

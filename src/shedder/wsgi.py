@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ._core.errors import Overloaded
@@ -95,7 +95,10 @@ class LoadSheddingMiddleware:
     server's thread pool to hold ``max_concurrency + max_queue`` requests and a few more.
     The app finds the request's :class:`~shedder.Permit` in ``environ["shedder.permit"]``.
     A server worker that already admitted the request (``shedder.gunicorn``) passes its
-    :class:`~shedder.Permit` or :class:`~shedder.Waiting` in ``environ["shedder.admission"]``.
+    :class:`~shedder.Permit` or :class:`~shedder.Waiting` in ``environ["shedder.admission"]``
+    (and its deadline in ``"shedder.deadline"``); the middleware removes the key when it takes
+    the decision over, and the worker settles any decision left there. Under waitress, a
+    WARNING on the first request says if ``threads`` is too small to ever shed.
     """
 
     def __init__(
@@ -168,11 +171,20 @@ class LoadSheddingMiddleware:
         self._orphans = _Reclaimer()
         self._live = live_response()
         self._table = settings.table
+        self._server_checked = False  # the server's thread count, checked on the first request
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._table is not None:
             # In the serving process (after any fork), not at construction: see publish_all.
             self._table.publish_all(self._health_throttlers)
+        if not self._server_checked:
+            self._server_checked = True
+            threads = _waitress_threads(environ)
+            warning = (
+                None if threads is None else _too_few_threads(self.throttler, threads, "waitress")
+            )
+            if warning is not None:
+                logger.warning(warning)
         path = environ.get("PATH_INFO") or "/"
         if path == self.live_path:
             return self._serve(environ, start_response, self._alive)
@@ -187,11 +199,14 @@ class LoadSheddingMiddleware:
         # Decided before the app sees the request; a refused request never reaches it.
         decision = environ.get("shedder.admission")  # already admitted by the server's worker
         deadline = None
-        if decision is None or getattr(decision, "_throttler", None) is not self.throttler:
-            if self._classify is None and not any(k in environ for k in self._wanted_keys):
-                decision = self.throttler.admit()
-            else:
-                decision, deadline = self._admit(environ)
+        if decision is not None and getattr(decision, "_throttler", None) is self.throttler:
+            # Ours now: removing it tells the worker not to release or cancel it itself.
+            del environ["shedder.admission"]
+            deadline = environ.get("shedder.deadline")
+        elif self._classify is None and not any(k in environ for k in self._wanted_keys):
+            decision = self.throttler.admit()
+        else:
+            decision, deadline = self._admit(environ)
         if isinstance(decision, Waiting):
             try:
                 decision = decision.wait()
@@ -218,6 +233,39 @@ class LoadSheddingMiddleware:
             if token is not None:
                 _DEADLINE.reset(token)
         return _hold_until_close(result, permit, environ, self._orphans, None)
+
+    # -- for server workers that decide before the environ exists (shedder.gunicorn) ------------
+
+    def _never_throttled(self, path: str) -> bool:
+        """True for a ``PATH_INFO`` this middleware serves itself or passes through unthrottled."""
+        return path in (self.live_path, self.health_path, self.metrics_path) or path_matches(
+            path, self._exact, self._prefixes
+        )
+
+    @property
+    def _early_header_names(self) -> tuple[str, ...] | None:
+        """The headers admission reads (lower-case), or None if it needs the whole request."""
+        return None if self._classify is not None else self._gate.header_names
+
+    def _admit_early(
+        self, headers: Mapping[str, str], client: str | None
+    ) -> tuple[Permit | Overloaded | Waiting, float | None]:
+        """The decision (and deadline) for a request seen only as its head, as ``__call__``
+        would make it from ``headers`` (those of :attr:`_early_header_names` present);
+        pass both on in ``environ["shedder.admission"]`` and ``environ["shedder.deadline"]``.
+        """
+        if not headers:
+            return self.throttler.admit(), None
+        return self._gate.admit(headers.get, client, None, "thread")
+
+    def _refusal(self, refusal: Overloaded) -> tuple[str, tuple[tuple[str, str], ...], bytes]:
+        """The refusal response (status line, headers, body), logged like ``__call__``'s."""
+        return self._gate.refusal(refusal)
+
+    def _publish(self) -> None:
+        """Publish this process's figures to the instance table (once per process)."""
+        if self._table is not None:
+            self._table.publish_all(self._health_throttlers)
 
     def _admit(
         self, environ: WSGIEnvironment
@@ -295,6 +343,33 @@ class LoadSheddingMiddleware:
         if self._metrics_response is None:  # pragma: no cover - metrics_path implies it
             raise RuntimeError("metrics_response was not loaded")
         return self._metrics_response(self._metrics_registry, environ.get("HTTP_ACCEPT"))
+
+
+def _too_few_threads(throttler: Throttler, threads: int, server: str) -> str | None:
+    """The warning to log if ``threads`` cannot hold ``max_concurrency + max_queue`` requests.
+
+    A WSGI request holds a server thread while it runs and while it waits for a slot, so with
+    fewer threads the excess waits inside the server, invisible to the throttler, which then
+    never queues or sheds. None when the threads suffice.
+    """
+    needed = throttler.max_concurrency + throttler.max_queue
+    if threads >= needed:
+        return None
+    return (
+        f"{server} runs {threads} threads but throttler {throttler.name!r} admits"
+        f" max_concurrency + max_queue = {throttler.max_concurrency} + {throttler.max_queue}"
+        f" = {needed} requests: the excess waits inside {server}, where shedder cannot see it,"
+        f" so it sheds late or never. Fix: run {server} with threads={needed} or more (and a"
+        " few spare for health checks), or lower max_concurrency and max_queue"
+    )
+
+
+def _waitress_threads(environ: WSGIEnvironment) -> int | None:
+    """waitress's thread count, from the channel behind ``waitress.client_disconnected``."""
+    check = environ.get("waitress.client_disconnected")
+    adjustments = getattr(getattr(check, "__self__", None), "adj", None)
+    threads = getattr(adjustments, "threads", None)
+    return threads if isinstance(threads, int) else None
 
 
 def _encode(response: HTTPResponse) -> tuple[str, tuple[tuple[str, str], ...], bytes]:

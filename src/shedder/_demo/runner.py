@@ -154,6 +154,26 @@ def benchmark_targets(
             _app(pool, hold_ms, SHEDDER_SETTINGS),
             threads=threads,
         ),
+        # Issue 14: the same app and settings under shedder's gthread worker, which refuses
+        # before gunicorn's thread pool; and gunicorn's own ceiling, a trivial app answering
+        # 503 to everything under plain gthread (its app name comes first: gunicorn serves
+        # the first one given).
+        Target(
+            "wsgi-worker",
+            "shedder WSGI, queue 4, shedder.gunicorn.ThreadWorker",
+            "gunicorn",
+            _app(pool, hold_ms, SHEDDER_SETTINGS),
+            server_args=("--worker-class", "shedder.gunicorn.ThreadWorker"),
+            threads=threads,
+        ),
+        Target(
+            "wsgi-503",
+            "trivial 503 app (gunicorn gthread, 32 threads)",
+            "gunicorn",
+            _app(pool, hold_ms),
+            server_args=("shedder._demo.wsgi_503:app",),
+            threads=32,
+        ),
     ]
 
 

@@ -1,0 +1,415 @@
+"""gunicorn: a gthread worker that refuses before its thread pool, with the app's own throttler.
+
+``gunicorn -k shedder.gunicorn.ThreadWorker --threads 32 myapp:app``, where the app is wrapped
+in :class:`shedder.wsgi.LoadSheddingMiddleware` (no second configuration: the worker finds the
+middleware by walking the app through ``.app``, ``.wsgi_app``, ``.application`` and
+``__wrapped__``).
+
+gunicorn's gthread worker hands every readable connection to a thread pool whose queue is
+unbounded: under overload requests wait there, unseen by any middleware. This worker decides
+when a connection becomes readable, from the request line and headers it peeks at: it admits
+or queues the request in the middleware's throttler and hands it to the pool with that
+decision, or answers the refusal (503 + ``Retry-After``, ``Connection: close``) itself without
+using a thread. So the pool holds at most ``max_concurrency + max_queue`` throttled requests
+(plus the health, metrics and exempt ones, which are never refused here), and the time a
+request waits for a thread counts against ``queue_timeout``; the app finds it in
+``environ["shedder.queued_in_server"]`` (seconds). Needs the ``gunicorn`` extra.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import os
+import selectors
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
+from functools import partial
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote_to_bytes
+
+try:
+    from gunicorn.workers.gthread import ThreadWorker as _GThreadWorker
+except ImportError:  # pragma: no cover - exercised only without the extra
+    raise ImportError(
+        'shedder.gunicorn needs gunicorn: pip install "loadshedder[gunicorn]"'
+    ) from None
+
+from ._core.errors import Overloaded
+from ._core.throttler import Permit, Waiting
+from .wsgi import LoadSheddingMiddleware, _too_few_threads
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+__all__ = ["ThreadWorker", "find_middleware"]
+
+# Bytes peeked at to read the request line and headers: gunicorn's default limits allow longer
+# heads, which simply take the normal path (the middleware decides in the thread).
+_PEEK_BYTES = 8192
+# How long a new connection may take to send its first bytes before gunicorn's own handling
+# (a thread waits for them, then the poller) takes over: gunicorn's worker data timeout.
+_FIRST_BYTES_WAIT = 5.0
+# A refused connection is half-closed, then drained for this long (or this much) before it is
+# closed: closing with unread request bytes would send a reset that can destroy the 503.
+_LINGER_SECONDS = 2.0
+_LINGER_BYTES = 65536
+_REFUSAL_CACHE_SIZE = 1024
+_ATTRIBUTES = ("app", "wsgi_app", "application", "__wrapped__")
+
+
+def find_middleware(app: object) -> LoadSheddingMiddleware | None:
+    """The outermost :class:`~shedder.wsgi.LoadSheddingMiddleware` inside the WSGI ``app``.
+
+    Searched breadth-first through the attributes ``app`` (wrapping middlewares), ``wsgi_app``
+    (Flask), ``application`` and ``__wrapped__``; None if there is none.
+    """
+    queue = [app]
+    seen: set[int] = set()
+    while queue and len(seen) < 64:
+        candidate = queue.pop(0)
+        if id(candidate) in seen:
+            continue
+        seen.add(id(candidate))
+        if isinstance(candidate, LoadSheddingMiddleware):
+            return candidate
+        for name in _ATTRIBUTES:
+            try:
+                inner = getattr(candidate, name, None)
+            except Exception:  # a property of someone else's object may raise anything
+                continue
+            if inner is not None:
+                queue.append(inner)
+    return None
+
+
+class _Ticket:
+    """What the main thread decided for one request, carried to the thread that serves it."""
+
+    __slots__ = ("deadline", "decision", "enqueued", "started", "taken")
+
+    def __init__(self, decision: Permit | Waiting | None, deadline: float | None) -> None:
+        self.decision = decision
+        self.deadline = deadline
+        self.enqueued = time.monotonic()
+        self.started = self.enqueued
+        self.taken = decision is None  # the middleware took the decision over
+
+    def settle(self) -> None:
+        """Give back a decision nobody took: the connection died or the app was never called."""
+        decision, self.decision = self.decision, None
+        if isinstance(decision, Waiting):
+            decision.cancel()
+        elif isinstance(decision, Permit):
+            decision.release("ignore")  # the request never ran: no latency sample
+
+
+class _Head:
+    """The parts of a peeked request head that admission needs."""
+
+    __slots__ = ("headers", "method", "path")
+
+    def __init__(self, method: bytes, path: str, headers: dict[str, str]) -> None:
+        self.method = method
+        self.path = path
+        self.headers = headers
+
+
+def _parse_head(data: bytes, header_names: Iterable[str], script_name: str) -> _Head | None:
+    """The request's method, ``PATH_INFO`` and wanted headers, or None to take the normal path
+    (head incomplete, not HTTP/1.x, or a request target this worker does not interpret)."""
+    end = data.find(b"\n")
+    if end < 0:
+        return None
+    parts = data[:end].rstrip(b"\r").split(b" ")
+    if len(parts) != 3 or not parts[2].startswith(b"HTTP/1."):
+        return None  # HTTP/2 prior knowledge ("PRI * HTTP/2.0"), junk: gunicorn's business
+    method, target = parts[0], parts[1]
+    if not target.startswith(b"/"):
+        scheme = target.find(b"://")
+        if scheme < 0:
+            return None  # "*" (OPTIONS) or an authority (CONNECT)
+        slash = target.find(b"/", scheme + 3)
+        target = b"/" if slash < 0 else target[slash:]
+    target = target.split(b"?", 1)[0].split(b"#", 1)[0]
+    path = unquote_to_bytes(target).decode("latin-1")  # what gunicorn puts in PATH_INFO
+    if script_name:
+        if not path.startswith(script_name):
+            return None  # gunicorn refuses it; let it
+        path = path[len(script_name) :]
+    headers: dict[str, str] = {}
+    wanted = frozenset(header_names)
+    if wanted:
+        block_end = data.find(b"\r\n\r\n", end)
+        if block_end < 0:
+            block_end = data.find(b"\n\n", end)
+            if block_end < 0:
+                return None  # headers still arriving: the middleware reads them in the thread
+        for line in data[end + 1 : block_end].split(b"\n"):
+            name, colon, value = line.partition(b":")
+            if colon:
+                key = name.strip().lower().decode("latin-1")
+                if key in wanted:
+                    headers[key] = value.strip().decode("latin-1")
+    return _Head(method, path, headers)
+
+
+def _encode_refusal(
+    status: str, headers: tuple[tuple[str, str], ...], body: bytes, head_only: bool
+) -> bytes:
+    lines = [f"HTTP/1.1 {status}"]
+    lines += [f"{name}: {value}" for name, value in headers if name.lower() != "connection"]
+    lines += [f"date: {email.utils.formatdate(usegmt=True)}", "connection: close", "", ""]
+    return "\r\n".join(lines).encode("latin-1") + (b"" if head_only else body)
+
+
+class ThreadWorker(_GThreadWorker):  # type: ignore[misc]
+    """gunicorn's gthread worker, admitting each request before its thread pool.
+
+    ``gunicorn -k shedder.gunicorn.ThreadWorker``; everything else (keep-alive, graceful
+    shutdown, ``max_requests``, TLS) is gthread's. Requests whose head cannot be read at once
+    (TLS, HTTP/2, a head longer than 8 KiB or still arriving) and apps with a ``classify``
+    callable take the normal path: the middleware decides in the thread. Size ``threads`` to
+    at least ``max_concurrency + max_queue`` plus a few for health checks: the worker warns at
+    start-up otherwise.
+    """
+
+    wsgi: WSGIApplication  # gunicorn's loaded app (set by load_wsgi)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.shedder_middleware: LoadSheddingMiddleware | None = None
+        """The middleware whose throttler admits requests (None: plain gthread)."""
+        self._header_names: tuple[str, ...] = ()
+        self._script_name = ""
+        self._local = threading.local()
+        # Connections (insertion-ordered, so oldest first) and when each stops waiting.
+        self._awaiting: dict[Any, float] = {}  # new ones, until their first bytes arrive
+        self._lingering: dict[Any, float] = {}  # refused ones, draining before close
+        self._refusals: dict[tuple[Any, ...], bytes] = {}
+        self._refusals_date = 0
+
+    # -- start-up ---------------------------------------------------------------------------------
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        middleware = find_middleware(self.wsgi)
+        if middleware is None:
+            self.log.warning(
+                "shedder.gunicorn.ThreadWorker found no shedder.wsgi.LoadSheddingMiddleware"
+                " in the app (looked through .app, .wsgi_app, .application, __wrapped__):"
+                " serving as plain gthread, refusing nothing early"
+            )
+            return
+        middleware._publish()  # this worker counts in the instance's health from now on
+        warning = _too_few_threads(middleware.throttler, self.cfg.threads, "gunicorn")
+        if warning is not None:
+            self.log.warning(warning)
+        names = middleware._early_header_names
+        if names is None or self.cfg.is_ssl:
+            self.log.info(
+                "shedder: %s, so the middleware admits each request in its thread",
+                "TLS" if self.cfg.is_ssl else "a classify callable needs the whole request",
+            )
+            return
+        self.shedder_middleware = middleware
+        self._header_names = names
+        self._script_name = _script_name(self.cfg)
+        self.wsgi = _with_tickets(self.wsgi, self._local)
+
+    # -- the main thread: admission when a connection becomes readable ----------------------------
+
+    def enqueue_req(self, conn: Any) -> None:
+        middleware = self.shedder_middleware
+        if middleware is None or getattr(conn, "is_http2", False):
+            super().enqueue_req(conn)
+            return
+        data = _buffered(conn)
+        if b"\n" not in data:
+            try:
+                data += conn.sock.recv(_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                if not data and conn not in self._awaiting and not conn.initialized:
+                    self._await_first_bytes(conn)  # just accepted: decide once it speaks
+                    return
+            except OSError:
+                pass  # gunicorn finds the error itself
+        head = _parse_head(data, self._header_names, self._script_name) if data else None
+        if head is None or middleware._never_throttled(head.path):
+            self._submit(conn, _Ticket(None, None))  # the middleware serves or decides it
+            return
+        client = conn.client[0] if isinstance(conn.client, tuple) else None
+        decision, deadline = middleware._admit_early(head.headers, client)
+        if isinstance(decision, Overloaded):
+            self._refuse(conn, middleware, decision, head.method == b"HEAD")
+            return
+        self._submit(conn, _Ticket(decision, deadline))
+
+    def _submit(self, conn: Any, ticket: _Ticket) -> None:
+        conn.shedder_ticket = ticket
+        conn.data_ready = True  # gthread >= 24: no need to wait for bytes already here
+        try:
+            super().enqueue_req(conn)
+        except BaseException:
+            conn.shedder_ticket = None
+            ticket.settle()
+            raise
+
+    def _refuse(
+        self,
+        conn: Any,
+        middleware: LoadSheddingMiddleware,
+        refusal: Overloaded,
+        head_only: bool,
+    ) -> None:
+        """Answer the refusal on the socket, half-close it and drain it: no thread used."""
+        status, headers, body = middleware._refusal(refusal)
+        now = int(time.time())
+        if now != self._refusals_date:  # the Date header changes every second
+            self._refusals.clear()
+            self._refusals_date = now
+        key = (status, headers, body, head_only)
+        raw = self._refusals.get(key)
+        if raw is None:
+            raw = _encode_refusal(status, headers, body, head_only)
+            if len(self._refusals) < _REFUSAL_CACHE_SIZE:
+                self._refusals[key] = raw
+        sock = conn.sock
+        try:
+            # A fresh or idle connection's send buffer is empty: this small answer fits at once.
+            sock.send(raw, socket.MSG_DONTWAIT)
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close(conn)
+            return
+        self._lingering[conn] = time.monotonic() + _LINGER_SECONDS
+        conn.shedder_drained = 0
+        with self._poller_lock():
+            self.poller.register(sock, selectors.EVENT_READ, partial(self._on_linger, conn))
+
+    def _on_linger(self, conn: Any, sock: Any) -> None:
+        try:
+            data = sock.recv(_LINGER_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        conn.shedder_drained += len(data)
+        if data and conn.shedder_drained < _LINGER_BYTES:
+            return
+        del self._lingering[conn]
+        self._unregister(sock)
+        self._close(conn)
+
+    def _await_first_bytes(self, conn: Any) -> None:
+        self._awaiting[conn] = time.monotonic() + _FIRST_BYTES_WAIT
+        with self._poller_lock():
+            self.poller.register(
+                conn.sock, selectors.EVENT_READ, partial(self._on_first_bytes, conn)
+            )
+
+    def _on_first_bytes(self, conn: Any, sock: Any) -> None:
+        del self._awaiting[conn]
+        self._unregister(sock)
+        self.enqueue_req(conn)
+
+    def murder_keepalived(self, *args: Any, **kwargs: Any) -> None:
+        super().murder_keepalived(*args, **kwargs)
+        force = bool(args and args[0]) or bool(kwargs.get("force"))
+        now = time.monotonic()
+        for conn, until in list(self._awaiting.items()):
+            if until > now and not force:
+                break
+            del self._awaiting[conn]
+            self._unregister(conn.sock)
+            if force:
+                self._close(conn)
+            else:
+                super().enqueue_req(conn)  # silent so far: gunicorn's own timeouts take over
+        for conn, until in list(self._lingering.items()):
+            if until > now and not force:
+                break
+            del self._lingering[conn]
+            self._unregister(conn.sock)
+            self._close(conn)
+
+    def _close(self, conn: Any) -> None:
+        self.nr_conns -= 1
+        try:
+            conn.sock.close()
+        except OSError:
+            pass
+
+    def _unregister(self, sock: Any) -> None:
+        with self._poller_lock():
+            try:
+                self.poller.unregister(sock)
+            except (KeyError, ValueError, OSError):
+                pass  # already gone with the socket
+
+    def _poller_lock(self) -> AbstractContextManager[Any]:
+        # gthread < 24 touches its poller from pool threads too, under this lock.
+        lock = getattr(self, "_lock", None)
+        return nullcontext() if lock is None else lock
+
+    # -- the pool's threads -----------------------------------------------------------------------
+
+    def handle(self, conn: Any) -> Any:
+        ticket = getattr(conn, "shedder_ticket", None)
+        if ticket is not None:
+            ticket.started = time.monotonic()
+        try:
+            return super().handle(conn)
+        finally:
+            ticket = getattr(conn, "shedder_ticket", None)
+            if ticket is not None:  # the request never reached handle_request
+                conn.shedder_ticket = None
+                ticket.settle()
+
+    def handle_request(self, req: Any, conn: Any) -> Any:
+        ticket = getattr(conn, "shedder_ticket", None)
+        conn.shedder_ticket = None
+        self._local.ticket = ticket
+        try:
+            return super().handle_request(req, conn)
+        finally:
+            self._local.ticket = None
+            if ticket is not None and not ticket.taken:
+                ticket.settle()
+
+
+def _with_tickets(app: WSGIApplication, local: threading.local) -> WSGIApplication:
+    """``app``, receiving in its environ the decision the main thread made for the request."""
+
+    def serve(environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        ticket: _Ticket | None = getattr(local, "ticket", None)
+        if ticket is None:
+            return app(environ, start_response)
+        local.ticket = None
+        environ["shedder.queued_in_server"] = ticket.started - ticket.enqueued
+        if ticket.decision is None:
+            return app(environ, start_response)
+        environ["shedder.admission"] = ticket.decision
+        if ticket.deadline is not None:
+            environ["shedder.deadline"] = ticket.deadline
+        try:
+            return app(environ, start_response)
+        finally:
+            # The middleware removes the key when it takes the decision over.
+            ticket.taken = "shedder.admission" not in environ
+
+    return serve
+
+
+def _buffered(conn: Any) -> bytes:
+    """Bytes gunicorn's parser already read from the socket (read ahead after a request)."""
+    buffer = getattr(getattr(conn.parser, "unreader", None), "buf", None)
+    getvalue: Callable[[], bytes] | None = getattr(buffer, "getvalue", None)
+    return b"" if getvalue is None else getvalue()
+
+
+def _script_name(cfg: Any) -> str:
+    env = getattr(cfg, "env", None) or {}
+    return str(env.get("SCRIPT_NAME") or os.environ.get("SCRIPT_NAME", ""))
