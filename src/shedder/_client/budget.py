@@ -20,6 +20,7 @@ __all__ = ["AdaptiveThrottle", "ClientThrottled", "RetryBudget"]
 
 _SLICES = 10  # a window is kept as this many slices: counts expire a slice at a time
 _MIN_WINDOW = 0.001
+_MAX_WINDOW = 366 * 86_400
 # Ratios and rates beyond this mean "no limit" and would overflow the arithmetic: say so.
 _MAX_FIGURE = 1e12
 
@@ -56,11 +57,15 @@ class _Windowed:
     """A lock and two counts over a sliding window: what budgets and throttles share."""
 
     def __init__(self, window: float, clock: Callable[[], float]) -> None:
-        window = check_seconds("window", window, finite=True)
+        window = check_seconds("window", window)
         # The clock is divided by a tenth of the window: a subnormal window (1e-320) would
-        # overflow that on first use; a millisecond is finer than any budget needs.
-        if window < _MIN_WINDOW:
-            raise ValueError(f"window must be >= {_MIN_WINDOW} seconds, got {shown(window)}")
+        # overflow that on first use; a millisecond is finer than any budget needs, and a
+        # window of more than a year would make the allowance infinite.
+        if not _MIN_WINDOW <= window <= _MAX_WINDOW:
+            raise ValueError(
+                f"window must be between {_MIN_WINDOW} and {_MAX_WINDOW} seconds,"
+                f" got {shown(window)}"
+            )
         check_callable("clock", clock)
         self.window = window
         self._lock = threading.Lock()

@@ -75,13 +75,7 @@ def check_number(name: str, value: object, low: float = -math.inf, high: float =
     except OverflowError:
         raise ValueError(f"{name} is too large, got {shown(value)}") from None
     if math.isnan(number) or not low <= number <= high:
-        if high == math.inf:
-            bound = f">= {low:g}"
-        elif low == -math.inf:
-            bound = f"<= {high:g}"
-        else:
-            bound = f"between {low:g} and {high:g}"
-        raise ValueError(f"{name} must be {bound}, got {shown(value)}")
+        raise ValueError(f"{name} must be in [{low:g}, {high:g}], got {shown(value)}")
     return number
 
 
@@ -157,11 +151,16 @@ def check_choice(name: str, value: object, choices: Collection[T]) -> T:
     for choice in choices:
         if type(value) is type(choice) and value == choice:
             return choice
-    listed = ", ".join(repr(choice) for choice in choices)
+    shown_choices = [repr(choice) for choice in choices]
+    listed = (
+        " or ".join(shown_choices)
+        if len(shown_choices) <= 2
+        else f"one of {', '.join(shown_choices)}"
+    )
     kinds = {type(choice) for choice in choices}
     if not any(isinstance(value, kind) and not isinstance(value, bool) for kind in kinds):
-        raise TypeError(f"{name} must be one of {listed}, got {typed(value)}")
-    raise ValueError(f"{name} must be one of {listed}, got {shown(value)}")
+        raise TypeError(f"{name} must be {listed}, got {typed(value)}")
+    raise ValueError(f"{name} must be {listed}, got {shown(value)}")
 
 
 def check_strings(name: str, value: object, *, empty: bool = True) -> tuple[str, ...]:
@@ -173,9 +172,7 @@ def check_strings(name: str, value: object, *, empty: bool = True) -> tuple[str,
             f" {shown(value)} (did you mean [{shown(value)}]?)"
         )
     if not isinstance(value, Iterable) or isinstance(value, Mapping):
-        raise TypeError(
-            f"{name} must be a collection of strings, got {typed(value)}"
-        )
+        raise TypeError(f"{name} must be a collection of strings, got {typed(value)}")
     items = tuple(value)
     for item in items:
         if not isinstance(item, str):
@@ -199,4 +196,3 @@ def check_sequence(name: str, value: object) -> tuple[Any, ...]:
     if isinstance(value, (str, bytes, Mapping)) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be a sequence, got {typed(value)}")
     return tuple(value)
-
