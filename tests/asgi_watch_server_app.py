@@ -4,7 +4,8 @@ endpoints (exempt from throttling) that report this process's traced memory.
 ``/hold`` keeps the only slot until ``/release``; ``/upload`` answers the length of the body
 it read; ``/mem`` answers ``{"current", "peak", "pulled"}`` (bytes traced by tracemalloc since
 start-up, and how many body messages the middleware pulled from the server) and resets the
-peak if asked (``/mem?reset``). Started with tracemalloc on from import, so the figures cover the middleware's watch.
+peak if asked (``/mem?reset``). Tracemalloc runs from import on, so the figures cover the
+middleware's watch.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ async def test_a_trickled_upload_admitted_while_watched_gets_its_body_in_order()
             app.gate.set()
 
     receive, calls = trickle(TRICKLE, open_the_gate_midway)
-    _, status, statuses = await queued_behind_a_held_slot(receive, queue_timeout=30, app=app)
+    _, _, statuses = await queued_behind_a_held_slot(receive, queue_timeout=30, app=app)
     assert statuses == [200, 200]
     assert app.bodies == [bytes(n % 256 for n in range(1, TRICKLE + 1))]
     assert calls[0] == TRICKLE + 1
@@ -165,7 +165,7 @@ async def test_one_large_message_is_replayed_whole() -> None:
         await asyncio.Event().wait()  # no disconnect: the client waits for its answer
         raise AssertionError("unreachable")
 
-    _, status, statuses = await queued_behind_a_held_slot(receive, queue_timeout=30, app=app)
+    _, _, statuses = await queued_behind_a_held_slot(receive, queue_timeout=30, app=app)
     assert statuses == [200, 200]
     assert app.bodies == [big]
 
