@@ -433,7 +433,9 @@ def main() -> None:
             print(f"  {count:7d}  {outcome}")
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2))
-    leaked = any(r["in_flight_after"] or r["queued_after"] or not r["server_alive"] for r in results)
+    leaked = any(
+        r["in_flight_after"] or r["queued_after"] or not r["server_alive"] for r in results
+    )
     sys.exit(1 if leaked else 0)
 
 
