@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 
 import pytest
@@ -88,13 +89,16 @@ def test_budget_is_thread_safe() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"ratio": -0.1}, "ratio must be a finite number >= 0, got -0.1"),
-        ({"min_retries_per_second": float("inf")}, "min_retries_per_second must be a finite"),
-        ({"window": 0}, "window must be a finite number > 0, got 0"),
+        ({"ratio": -0.1}, "ratio must be in [0, 1e+12], got -0.1"),
+        (
+            {"min_retries_per_second": float("inf")},
+            "min_retries_per_second must be in [0, 1e+12], got inf",
+        ),
+        ({"window": 0}, "window must be between 0.001 and 31622400 seconds, got 0"),
     ],
 )
 def test_budget_rejects_bad_values(options: dict[str, float], message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         RetryBudget(**options)
 
 
@@ -175,10 +179,10 @@ def test_throttle_forgets_after_its_window() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"k": 0.5}, "k must be a finite number >= 1, got 0.5"),
-        ({"window": -1.0}, "window must be a finite number > 0, got -1.0"),
+        ({"k": 0.5}, "k must be in [1, 1e+12], got 0.5"),
+        ({"window": -1.0}, "window must be >= 0 seconds, got -1.0"),
     ],
 )
 def test_throttle_rejects_bad_values(options: dict[str, float], message: str) -> None:
-    with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    with pytest.raises(ValueError, match=re.escape(message)):
         AdaptiveThrottle(**options)

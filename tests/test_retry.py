@@ -194,10 +194,10 @@ def test_policy_normalises_methods_and_statuses() -> None:
     ("options", "message"),
     [
         ({"max_retries": -1}, "max_retries must be >= 0, got -1"),
-        ({"base_delay": -0.5}, "base_delay must be a finite number >= 0.0, got -0.5"),
-        ({"base_delay": float("nan")}, "base_delay must be a finite number"),
-        ({"base_delay": 2.0, "max_delay": 1.0}, "max_delay must be a finite number >= 2.0, got"),
-        ({"max_retry_after": float("inf")}, "max_retry_after must be a finite number"),
+        ({"base_delay": -0.5}, "base_delay must be >= 0 seconds, got -0.5"),
+        ({"base_delay": float("nan")}, "base_delay must be >= 0 seconds, got nan"),
+        ({"base_delay": 2.0, "max_delay": 1.0}, "max_delay must be >= base_delay, 2.0, got 1.0"),
+        ({"max_retry_after": float("inf")}, "max_retry_after must be a finite number of seconds"),
         ({"retry_statuses": [503, 99]}, "retry_statuses must hold statuses 100..599, got 99"),
     ],
 )
@@ -215,16 +215,24 @@ def test_policy_rejects_non_int_max_retries(value: Any) -> None:
 @pytest.mark.parametrize(
     ("options", "error", "message"),
     [
-        ({"total_timeout": 0}, ValueError, "total_timeout must be > 0 or None, got 0"),
-        ({"total_timeout": -1.0}, ValueError, "total_timeout must be a finite number >= 0.0"),
+        ({"total_timeout": 0}, ValueError, "total_timeout must be > 0 seconds, got 0"),
+        ({"total_timeout": -1.0}, ValueError, "total_timeout must be >= 0 seconds, got -1.0"),
         ({"total_timeout": float("inf")}, ValueError, "total_timeout must be a finite number"),
-        ({"total_timeout": "10"}, TypeError, "total_timeout must be a number, got '10'"),
-        ({"inherit_deadline": 1}, TypeError, "inherit_deadline must be a bool, got 1"),
-        ({"retry_unprocessed": None}, TypeError, "retry_unprocessed must be a bool"),
-        ({"raise_on_exhausted": "no"}, TypeError, "raise_on_exhausted must be a bool"),
-        ({"deadline_header": 5}, TypeError, "deadline_header must be a str or None, got 5"),
-        ({"deadline_header": "x deadline"}, ValueError, "deadline_header must be a header name"),
-        ({"deadline_header": ""}, ValueError, "deadline_header must be a header name"),
+        (
+            {"total_timeout": "10"},
+            TypeError,
+            "total_timeout must be a number of seconds, got str '10'",
+        ),
+        ({"inherit_deadline": 1}, TypeError, "inherit_deadline must be True or False, got int 1"),
+        ({"retry_unprocessed": None}, TypeError, "retry_unprocessed must be True or False"),
+        ({"raise_on_exhausted": "no"}, TypeError, "raise_on_exhausted must be True or False"),
+        ({"deadline_header": 5}, TypeError, "deadline_header must be a str, got int 5"),
+        (
+            {"deadline_header": "x deadline"},
+            ValueError,
+            "deadline_header must be an HTTP header name",
+        ),
+        ({"deadline_header": ""}, ValueError, "deadline_header must be a non-empty string"),
         ({"deadline_format": "ms"}, ValueError, "deadline_format must be one of"),
     ],
 )

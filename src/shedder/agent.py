@@ -25,6 +25,7 @@ import socket
 import threading
 from collections.abc import Sequence
 
+from ._core.checks import check_bool, check_instance, check_int, check_sequence, check_str, shown
 from ._core.throttler import Throttler, ThrottlerStats
 from ._web.http import instance_stats
 from ._web.instance import InstanceTable, instance_table
@@ -197,16 +198,19 @@ def start_agent(
     """
     if isinstance(throttlers, Throttler):
         throttlers = (throttlers,)
-    reported = tuple(throttlers)
+    reported = check_sequence("throttlers", throttlers)
     if not reported:
-        raise ValueError("start_agent needs at least one throttler")
+        raise ValueError("throttlers must hold at least one throttler")
     for throttler in reported:
-        if not isinstance(throttler, Throttler):
-            raise TypeError(f"throttlers must be shedder.Throttler objects, got {throttler!r}")
-    if isinstance(port, bool) or not isinstance(port, int):
-        raise TypeError(f"port must be an int, got {type(port).__name__} {port!r}")
-    if not 0 <= port <= 65535:
-        raise ValueError(f"port must be between 0 and 65535, got {port}")
+        check_instance(
+            "throttlers", throttler, Throttler, "a shedder.Throttler or a sequence of them"
+        )
+    if not 0 <= check_int("port", port, 0) <= 65535:
+        raise ValueError(f"port must be between 0 and 65535, got {shown(port)}")
+    check_str("host", host)
+    check_bool("drain", drain)
+    if reuse_port is not None:
+        check_bool("reuse_port", reuse_port)
     table = instance_table(instance_dir)
     if table is not None:
         # The agent runs in the serving process: make its capacity count at once, not only
@@ -223,7 +227,12 @@ def start_agent(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         if reuse_port:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
+        try:
+            sock.bind((host, port))
+        except socket.gaierror as error:  # an OSError, but a configuration mistake: say which
+            raise ValueError(
+                f"host must be an address or a resolvable name, got {host!r}: {error}"
+            ) from None
         sock.listen(64)
         sock.setblocking(False)
     except BaseException:

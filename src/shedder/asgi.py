@@ -13,6 +13,7 @@ import os
 from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ._core.checks import check_bool
 from ._core.errors import Overloaded
 from ._core.throttler import Permit, Throttler, ThrottlerOptions, Waiting
 from ._core.wire import _DEADLINE
@@ -228,7 +229,7 @@ class LoadSheddingMiddleware:
         self.health_path = health_path
         self.metrics_path = metrics_path
         self.live_path = live_path
-        self.limit_websockets = bool(limit_websockets)
+        self.limit_websockets = check_bool("limit_websockets", limit_websockets)
         self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
         self._status_code = status_code
         self._responder = responder
@@ -399,7 +400,10 @@ class LoadSheddingMiddleware:
     ) -> None:
         """The slow path: wait for a slot while watching for the client's disconnect."""
         acquire = asyncio.ensure_future(waiting.wait_async())
-        body = bytearray()  # what the watch took, coalesced: one buffer, not a dict per chunk
+        # What the watch took: the first chunk as is, later ones coalesced into one buffer
+        # (never a dict per chunk), so a single large message is never held twice.
+        first_chunk = b""
+        body: bytearray | None = None
         more_body = True
         taken = False
         pending: asyncio.Future[Message] | None = None
@@ -421,7 +425,13 @@ class LoadSheddingMiddleware:
                     await asyncio.wait((acquire,))
                     return
                 chunk = message.get("body", b"")
-                body += chunk
+                if not taken:
+                    first_chunk = chunk
+                elif body is None:
+                    body = bytearray(first_chunk)
+                    body += chunk
+                else:
+                    body += chunk
                 taken = True
                 more_body = bool(message.get("more_body", False))
                 # Each message costs its bytes and its dict: count both, so a trickle of tiny
@@ -448,11 +458,15 @@ class LoadSheddingMiddleware:
 
         if taken or pending is not None:
             first = (
-                {"type": "http.request", "body": bytes(body), "more_body": more_body}
+                {
+                    "type": "http.request",
+                    "body": first_chunk if body is None else bytes(body),
+                    "more_body": more_body,
+                }
                 if taken
                 else None
             )
-            del body
+            del body, first_chunk
             receive = _replay(first, pending, receive)
         try:
             await self._call(permit, deadline, scope, receive, send)

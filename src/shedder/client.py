@@ -40,6 +40,7 @@ from ._client.retry import (
     give_up_message,
     parse_retry_after,
 )
+from ._core.checks import check_callable, check_instance
 
 try:
     import anyio
@@ -186,6 +187,13 @@ class _Run:
 _TIMEOUTS = ("connect", "read", "write", "pool")
 
 
+def _policy(policy: RetryPolicy | None) -> RetryPolicy:
+    """``policy``, checked, or the default one."""
+    if policy is None:
+        return RetryPolicy()
+    return check_instance("policy", policy, RetryPolicy, "a shedder.client.RetryPolicy or None")
+
+
 def _prepare(policy: RetryPolicy, request: httpx.Request, step: Send) -> None:
     """Fits one attempt into the time left: caps its timeouts, tells the server if asked."""
     if step.remaining is None:
@@ -237,9 +245,15 @@ class BackpressureTransport(httpx.BaseTransport):
         policy: RetryPolicy | None = None,
         sleep: Callable[[float], object] = time.sleep,
     ) -> None:
-        self.transport = httpx.HTTPTransport() if transport is None else transport
-        self.policy = RetryPolicy() if policy is None else policy
-        self._sleep = sleep
+        self.transport = (
+            httpx.HTTPTransport()
+            if transport is None
+            else check_instance(
+                "transport", transport, httpx.BaseTransport, "a sync httpx transport"
+            )
+        )
+        self.policy = _policy(policy)
+        self._sleep = check_callable("sleep", sleep)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         run = _Run(self.policy, request)
@@ -274,9 +288,15 @@ class AsyncBackpressureTransport(httpx.AsyncBaseTransport):
         policy: RetryPolicy | None = None,
         sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
     ) -> None:
-        self.transport = httpx.AsyncHTTPTransport() if transport is None else transport
-        self.policy = RetryPolicy() if policy is None else policy
-        self._sleep = sleep
+        self.transport = (
+            httpx.AsyncHTTPTransport()
+            if transport is None
+            else check_instance(
+                "transport", transport, httpx.AsyncBaseTransport, "an async httpx transport"
+            )
+        )
+        self.policy = _policy(policy)
+        self._sleep = check_callable("sleep", sleep)
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         run = _Run(self.policy, request)
@@ -324,8 +344,10 @@ class BackpressureAwareClient(httpx.Client):
         sleep: Callable[[float], object] = time.sleep,
         **kwargs: Any,
     ) -> None:
+        policy = _policy(policy)  # checked before httpx builds anything
+        check_callable("sleep", sleep)
         super().__init__(**kwargs)
-        self.policy = policy or RetryPolicy()
+        self.policy = policy
         wrap = functools.partial(BackpressureTransport, policy=self.policy, sleep=sleep)
         self._transport, self._mounts = _wrap_all(self._transport, self._mounts, wrap)
 
@@ -348,8 +370,10 @@ class AsyncBackpressureAwareClient(httpx.AsyncClient):
         sleep: Callable[[float], Awaitable[object]] = anyio.sleep,
         **kwargs: Any,
     ) -> None:
+        policy = _policy(policy)
+        check_callable("sleep", sleep)
         super().__init__(**kwargs)
-        self.policy = policy or RetryPolicy()
+        self.policy = policy
         wrap = functools.partial(AsyncBackpressureTransport, policy=self.policy, sleep=sleep)
         self._transport, self._mounts = _wrap_all(self._transport, self._mounts, wrap)
 

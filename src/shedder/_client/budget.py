@@ -14,9 +14,15 @@ import time
 from collections import deque
 from collections.abc import Callable
 
+from shedder._core.checks import check_callable, check_number, check_seconds, shown
+
 __all__ = ["AdaptiveThrottle", "ClientThrottled", "RetryBudget"]
 
 _SLICES = 10  # a window is kept as this many slices: counts expire a slice at a time
+_MIN_WINDOW = 0.001
+_MAX_WINDOW = 366 * 86_400
+# Ratios and rates beyond this mean "no limit" and would overflow the arithmetic: say so.
+_MAX_FIGURE = 1e12
 
 
 class _SlidingCounts:
@@ -51,8 +57,16 @@ class _Windowed:
     """A lock and two counts over a sliding window: what budgets and throttles share."""
 
     def __init__(self, window: float, clock: Callable[[], float]) -> None:
-        if not 0 < window < math.inf:
-            raise ValueError(f"window must be a finite number > 0, got {window!r}")
+        window = check_seconds("window", window)
+        # The clock is divided by a tenth of the window: a subnormal window (1e-320) would
+        # overflow that on first use; a millisecond is finer than any budget needs, and a
+        # window of more than a year would make the allowance infinite.
+        if not _MIN_WINDOW <= window <= _MAX_WINDOW:
+            raise ValueError(
+                f"window must be between {_MIN_WINDOW} and {_MAX_WINDOW} seconds,"
+                f" got {shown(window)}"
+            )
+        check_callable("clock", clock)
         self.window = window
         self._lock = threading.Lock()
         self._counts = _SlidingCounts(window, 2, clock)
@@ -81,13 +95,10 @@ class RetryBudget(_Windowed):
         *,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if not 0 <= ratio < math.inf:
-            raise ValueError(f"ratio must be a finite number >= 0, got {ratio!r}")
-        if not 0 <= min_retries_per_second < math.inf:
-            raise ValueError(
-                f"min_retries_per_second must be a finite number >= 0, "
-                f"got {min_retries_per_second!r}"
-            )
+        ratio = check_number("ratio", ratio, 0.0, _MAX_FIGURE)
+        min_retries_per_second = check_number(
+            "min_retries_per_second", min_retries_per_second, 0.0, _MAX_FIGURE
+        )
         super().__init__(window, clock)
         self.ratio = ratio
         self.min_retries_per_second = min_retries_per_second
@@ -167,11 +178,10 @@ class AdaptiveThrottle(_Windowed):
         clock: Callable[[], float] = time.monotonic,
         random: Callable[[], float] = _random.random,
     ) -> None:
-        if not 1 <= k < math.inf:
-            raise ValueError(f"k must be a finite number >= 1, got {k!r}")
+        k = check_number("k", k, 1.0, _MAX_FIGURE)
         super().__init__(window, clock)
         self.k = k
-        self._random = random
+        self._random = check_callable("random", random)
 
     def reject_probability(self) -> float:
         """The current chance that :meth:`admit` refuses, in [0, 1)."""

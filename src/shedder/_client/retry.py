@@ -20,6 +20,19 @@ from dataclasses import dataclass, field
 from datetime import timezone
 from typing import Generic, Literal, Protocol, TypeVar, get_args
 
+from shedder._core.checks import (
+    check_bool,
+    check_callable,
+    check_choice,
+    check_header_name,
+    check_instance,
+    check_int,
+    check_seconds,
+    check_sequence,
+    check_strings,
+    shown,
+    typed,
+)
 from shedder._core.wire import _DEADLINE, REFUSED_HEADER, current_deadline, deadline_scope
 
 from .budget import AdaptiveThrottle, ClientThrottled, RetryBudget
@@ -57,6 +70,8 @@ DeadlineFormat = Literal["seconds", "milliseconds", "grpc-timeout"]
 
 # RFC 9110 delay-seconds = 1*DIGIT, ASCII digits only ([0-9] never matches other scripts).
 _DELAY_SECONDS = re.compile(r"[0-9]+")
+# RFC 9110 method = token.
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # Significant digits beyond this are more than three thousand years: capped without calling
 # int(), which refuses very long strings since Python 3.11.
 _MAX_DIGITS = 11
@@ -229,20 +244,12 @@ def give_up_message(target: str, status: int, attempts: int, reason: GiveUpReaso
     return f"{target}: still {status} after {attempts} attempt{plural} ({_WHY[reason]})"
 
 
-def _check_delay(name: str, value: float, minimum: float = 0.0) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a number, got {value!r}")
-    if not minimum <= value < math.inf:
-        raise ValueError(f"{name} must be a finite number >= {minimum}, got {value!r}")
-
-
-def _check_bool(name: str, value: object) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {value!r}")
-
-
-# RFC 9110 field-name = token.
-_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+def _check_status(name: str, status: object) -> int:
+    if isinstance(status, bool) or not isinstance(status, int):
+        raise TypeError(f"{name} must hold int statuses, got {typed(status)}")
+    if not 100 <= status <= 599:
+        raise ValueError(f"{name} must hold statuses 100..599, got {shown(status)}")
+    return status
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -305,39 +312,49 @@ class RetryPolicy:
     random: Callable[[], float] = _random.random
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_retries, bool) or not isinstance(self.max_retries, int):
-            raise TypeError(f"max_retries must be an int, got {self.max_retries!r}")
-        if self.max_retries < 0:
-            raise ValueError(f"max_retries must be >= 0, got {self.max_retries}")
+        check_int("max_retries", self.max_retries, 0)
         if self.total_timeout is not None:
-            _check_delay("total_timeout", self.total_timeout)
-            if self.total_timeout <= 0:
-                raise ValueError(f"total_timeout must be > 0 or None, got {self.total_timeout!r}")
+            seconds = check_seconds("total_timeout", self.total_timeout, positive=True, finite=True)
+            object.__setattr__(self, "total_timeout", seconds)
         for name in ("inherit_deadline", "retry_unprocessed", "raise_on_exhausted"):
-            _check_bool(name, getattr(self, name))
+            check_bool(name, getattr(self, name))
         self._check_deadline_header()
-        _check_delay("base_delay", self.base_delay)
-        _check_delay("max_delay", self.max_delay, self.base_delay)
-        _check_delay("max_retry_after", self.max_retry_after)
-        for status in self.retry_statuses:
-            if not (isinstance(status, int) and 100 <= status <= 599):
-                raise ValueError(f"retry_statuses must hold statuses 100..599, got {status!r}")
+        for name in ("base_delay", "max_delay", "max_retry_after"):
+            object.__setattr__(self, name, check_seconds(name, getattr(self, name), finite=True))
+        if self.max_delay < self.base_delay:
+            raise ValueError(
+                f"max_delay must be >= base_delay, {self.base_delay}, got {self.max_delay}"
+            )
         # Normalised once: membership tests on every response, methods in any case.
-        object.__setattr__(self, "retry_statuses", frozenset(self.retry_statuses))
-        object.__setattr__(self, "retry_methods", frozenset(m.upper() for m in self.retry_methods))
+        statuses = check_sequence("retry_statuses", self.retry_statuses)
+        object.__setattr__(
+            self,
+            "retry_statuses",
+            frozenset(_check_status("retry_statuses", status) for status in statuses),
+        )
+        methods = check_strings("retry_methods", self.retry_methods)
+        for method in methods:
+            if not _TOKEN.fullmatch(method):
+                raise ValueError(f"retry_methods must hold HTTP methods, got {shown(method)}")
+        object.__setattr__(self, "retry_methods", frozenset(m.upper() for m in methods))
+        if self.budget is not None:
+            check_instance("budget", self.budget, RetryBudget, "a RetryBudget")
+        if self.throttle is not None:
+            check_instance(
+                "throttle", self.throttle, AdaptiveThrottle, "an AdaptiveThrottle or None"
+            )
+        if self.on_retry is not None:
+            check_callable("on_retry", self.on_retry)
+        for name in ("clock", "monotonic", "random"):
+            check_callable(name, getattr(self, name))
 
     def _check_deadline_header(self) -> None:
         header, fmt = self.deadline_header, self.deadline_format
         if header is not None:
-            if not isinstance(header, str):
-                raise TypeError(f"deadline_header must be a str or None, got {header!r}")
-            if not _TOKEN.fullmatch(header):
-                raise ValueError(f"deadline_header must be a header name, got {header!r}")
-            object.__setattr__(self, "deadline_header", header.lower())
-        if fmt is not None and fmt not in get_args(DeadlineFormat):
-            raise ValueError(
-                f"deadline_format must be one of {get_args(DeadlineFormat)} or None, got {fmt!r}"
-            )
+            header = check_header_name("deadline_header", header)
+            object.__setattr__(self, "deadline_header", header)
+        if fmt is not None:
+            check_choice("deadline_format", fmt, get_args(DeadlineFormat))
         if fmt is None and header is not None:
             name = header.lower()
             inferred: DeadlineFormat = (

@@ -17,14 +17,20 @@ from __future__ import annotations
 import math
 import random
 
-from .checks import check_fraction, check_int, check_seconds
+from .checks import check_fraction, check_instance, check_int, check_seconds
 
 __all__ = ["AIMDLimit", "FixedLimit", "Gradient2Limit", "Limit", "VegasLimit"]
 
 
+# A concurrency limit is computed in floating point (estimates, gradients): past a million
+# slots nothing here means anything, and 10**400 would overflow the arithmetic.
+MAX_LIMIT = 1_000_000
+_MAX_WINDOW = 1_000_000_000  # samples or rounds
+
+
 def _check_limits(initial: int, min_limit: int, max_limit: int) -> None:
     for name, value in (("initial", initial), ("min_limit", min_limit), ("max_limit", max_limit)):
-        check_int(name, value, 1)
+        check_int(name, value, 1, MAX_LIMIT)
     if max_limit < min_limit:
         raise ValueError(f"max_limit must be >= min_limit ({min_limit}), got {max_limit}")
     if not min_limit <= initial <= max_limit:
@@ -95,8 +101,7 @@ class FixedLimit(Limit):
     """A constant limit: the behaviour of ``Throttler(max_concurrency=n)``."""
 
     def __init__(self, limit: int) -> None:
-        _check_limits(limit, 1, limit)
-        super().__init__(limit)
+        super().__init__(check_int("limit", limit, 1, MAX_LIMIT))
 
 
 class AIMDLimit(Limit):
@@ -163,11 +168,15 @@ class VegasLimit(Limit):
         _check_limits(initial, min_limit, max_limit)
         self.min_limit, self.max_limit = min_limit, max_limit
         self.smoothing = check_fraction("smoothing", smoothing, 0.0, 1.0)
-        check_int("probe_interval", probe_interval, 1)
-        check_int("probe_limit", probe_limit, 1)
+        check_int("probe_interval", probe_interval, 1, _MAX_WINDOW)
+        check_int("probe_limit", probe_limit, 1, MAX_LIMIT)
         self.probe_interval = probe_interval
         self.probe_limit = probe_limit
-        self._rng = rng or random.Random()
+        self._rng = (
+            random.Random()
+            if rng is None
+            else check_instance("rng", rng, random.Random, "a random.Random or None")
+        )
         self.estimate = float(initial)
         self.rtt_noload = 0.0
         self._rounds_to_probe = self._next_probe()
@@ -253,8 +262,8 @@ class Gradient2Limit(Limit):
         _check_limits(initial, min_limit, max_limit)
         self.min_limit, self.max_limit = min_limit, max_limit
         self.smoothing = check_fraction("smoothing", smoothing, 0.0, 1.0)
-        self.queue_size = check_int("queue_size", queue_size, 0)
-        check_int("long_window", long_window, 1)
+        self.queue_size = check_int("queue_size", queue_size, 0, MAX_LIMIT)
+        check_int("long_window", long_window, 1, _MAX_WINDOW)
         self._factor = 2.0 / (long_window + 1)
         self._warmup = 10
         self._samples = 0

@@ -396,12 +396,16 @@ class Throttler:
         self._limit: Limit | None
         if isinstance(max_concurrency, Limit):
             self._limit = max_concurrency
-            self._max_concurrency = check_int("max_concurrency", max_concurrency.limit, 1)
+            self._max_concurrency = check_int(
+                "max_concurrency", max_concurrency.limit, 1, _MAX_SLOTS
+            )
         else:
             self._limit = None
-            self._max_concurrency = check_int("max_concurrency", max_concurrency, 1)
+            self._max_concurrency = check_int("max_concurrency", max_concurrency, 1, _MAX_SLOTS)
         self._max_queue = (
-            self._max_concurrency if max_queue is None else check_int("max_queue", max_queue, 0)
+            self._max_concurrency
+            if max_queue is None
+            else check_int("max_queue", max_queue, 0, _MAX_SLOTS)
         )
         self._queue_timeout = check_seconds("queue_timeout", queue_timeout)
         self._shed_threshold = check_fraction("shed_threshold", shed_threshold)
@@ -969,6 +973,10 @@ class Throttler:
         if self._listeners:
             self._notify("on_shed", refusal.reason, waited, refusal.priority)
 
+
+# No process runs a billion requests at once; a bigger figure is a typo, and an absurd one
+# (10**5000) would break every health answer that prints it.
+_MAX_SLOTS = 10**9
 
 # Retry-After is sent as an integer header: keep it a number every client can parse and act on
 # (a day), rather than accept a value that overflows on the way out.

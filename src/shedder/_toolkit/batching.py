@@ -8,9 +8,21 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from time import monotonic
 
-from shedder._core.checks import check_int, check_seconds
+from shedder._core.checks import (
+    check_callable,
+    check_fraction,
+    check_int,
+    check_number,
+    check_seconds,
+    shown,
+)
 
-__all__ = ["AdaptiveBatchSizer"]
+__all__ = ["MAX_BATCH_SIZE", "AdaptiveBatchSizer"]
+
+MAX_BATCH_SIZE = 2**31 - 1
+"""The largest batch size :class:`AdaptiveBatchSizer` accepts (the sizes are computed in
+floating point; anything near this is already far more than one batch should hold)."""
+_MAX_GROWTH = 1e6
 
 
 class AdaptiveBatchSizer:
@@ -47,24 +59,22 @@ class AdaptiveBatchSizer:
         smoothing: float = 0.3,
         clock: Callable[[], float] = monotonic,
     ) -> None:
-        self.budget = check_seconds("budget", budget)
-        if self.budget == 0 or self.budget == math.inf:
-            raise ValueError(f"budget must be > 0 and finite, got {budget}")
-        self.min_size = check_int("min_size", min_size, 1)
-        self.max_size = check_int("max_size", max_size, min_size)
+        self.budget = check_seconds("budget", budget, positive=True, finite=True)
+        self.min_size = check_int("min_size", min_size, 1, MAX_BATCH_SIZE)
+        self.max_size = check_int("max_size", max_size, min_size, MAX_BATCH_SIZE)
         start = min_size if initial is None else check_int("initial", initial, min_size)
         if start > max_size:
-            raise ValueError(f"initial must be <= max_size ({max_size}), got {start}")
-        if not 0 < target <= 1:
-            raise ValueError(f"target must be in (0, 1], got {target}")
-        if not max_growth > 1:
-            raise ValueError(f"max_growth must be > 1, got {max_growth}")
-        if not 0 < smoothing <= 1:
-            raise ValueError(f"smoothing must be in (0, 1], got {smoothing}")
-        self.target = float(target)
-        self.max_growth = float(max_growth)
-        self.smoothing = float(smoothing)
-        self._clock = clock
+            raise ValueError(f"initial must be <= max_size ({max_size}), got {shown(start)}")
+        self.target = check_fraction("target", target)
+        if self.target == 0:
+            raise ValueError(f"target must be > 0, got {shown(target)}")
+        self.max_growth = check_number("max_growth", max_growth, 1.0, _MAX_GROWTH)
+        if self.max_growth == 1:
+            raise ValueError(f"max_growth must be > 1, got {shown(max_growth)}")
+        self.smoothing = check_fraction("smoothing", smoothing)
+        if self.smoothing == 0:
+            raise ValueError(f"smoothing must be > 0, got {shown(smoothing)}")
+        self._clock = check_callable("clock", clock)
         self._size = start
         self._per_item: float | None = None  # estimated seconds per item
         self._lock = threading.Lock()

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Generic, TypeVar, overload
 
-from shedder._core.checks import check_int
+from shedder._core.checks import check_bool, check_int, typed
 
 from .queues import BlockingQueue
 
@@ -199,6 +199,8 @@ class Pipeline(Generic[T]):
         buffer: int = 8,
         _stages: tuple[_Stage, ...] = (),
     ) -> None:
+        if not isinstance(source, (Iterable, AsyncIterable)):
+            raise TypeError(f"source must be an iterable or an async iterable, got {typed(source)}")
         self._source: Iterable[Any] | AsyncIterable[Any] = source
         self._buffer = check_int("buffer", buffer, 1)
         self._stages = _stages
@@ -246,7 +248,7 @@ class Pipeline(Generic[T]):
         spec = _Stage(
             stage,
             check_int("concurrency", concurrency, 1),
-            bool(ordered),
+            check_bool("ordered", ordered),
             self._buffer if buffer is None else check_int("buffer", buffer, 1),
         )
         return Pipeline(self._source, buffer=self._buffer, _stages=(*self._stages, spec))

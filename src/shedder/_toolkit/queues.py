@@ -24,7 +24,14 @@ from queue import Empty, Full
 from time import monotonic
 from typing import Generic, Literal, TypeVar
 
-from shedder._core.checks import check_int, check_seconds
+from shedder._core.checks import (
+    check_callable,
+    check_choice,
+    check_instance,
+    check_int,
+    check_seconds,
+    check_sequence,
+)
 from shedder._core.waiters import _AsyncWaiter, _resolve, _ThreadWaiter
 
 __all__ = [
@@ -112,10 +119,12 @@ class _QueueCore(Generic[T]):
         rng: random.Random | None,
     ) -> None:
         self._capacity = check_int("capacity", capacity, 1)
-        if policy not in _POLICIES:
-            raise ValueError(f"policy must be one of {_POLICIES}, got {policy!r}")
-        self._policy = policy
-        self._random = rng if rng is not None else random.Random()
+        self._policy = check_choice("policy", policy, _POLICIES)
+        self._random = (
+            random.Random()
+            if rng is None
+            else check_instance("rng", rng, random.Random, "a random.Random or None")
+        )
         self._lock = threading.Lock()
         self._items: deque[T] = deque()
         self._reserved = 0  # slots granted to waking putters that have not inserted yet
@@ -457,8 +466,7 @@ class DroppingQueue(_QueueCore[T]):
         *,
         rng: random.Random | None = None,
     ) -> None:
-        if policy not in _POLICIES[1:]:
-            raise ValueError(f"policy must be one of {_POLICIES[1:]}, got {policy!r}")
+        check_choice("policy", policy, _POLICIES[1:])
         super().__init__(capacity, policy, rng)
 
     @property
@@ -494,9 +502,12 @@ class MonitoredQueue(_QueueCore[T]):
         clock: Callable[[], float] = monotonic,
     ) -> None:
         super().__init__(capacity, policy, rng)
-        bounds = tuple(float(b) for b in put_wait_buckets)
-        if any(b <= a for a, b in itertools.pairwise(bounds)) or any(b < 0 for b in bounds):
-            raise ValueError(f"put_wait_buckets must be increasing and >= 0, got {bounds}")
+        bounds = tuple(
+            check_seconds("put_wait_buckets", bound)
+            for bound in check_sequence("put_wait_buckets", put_wait_buckets)
+        )
+        if any(b <= a for a, b in itertools.pairwise(bounds)):
+            raise ValueError(f"put_wait_buckets must be increasing, got {bounds}")
         self._bounds = bounds if bounds and bounds[-1] == math.inf else (*bounds, math.inf)
         self._bucket_counts = [0] * len(self._bounds)
         self._wait_sum = 0.0
@@ -504,7 +515,7 @@ class MonitoredQueue(_QueueCore[T]):
         if window == 0 or window == math.inf:
             raise ValueError(f"throughput_window must be > 0 and finite, got {window}")
         self._window = window
-        self._clock = clock
+        self._clock = check_callable("clock", clock)
         self._created = clock()
         # Gets per whole second of the clock, oldest first: (second, count), pruned past window.
         self._recent: deque[list[int]] = deque()

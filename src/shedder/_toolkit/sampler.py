@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable
 from typing import Protocol, runtime_checkable
 
-from shedder._core.checks import check_fraction
+from shedder._core.checks import check_fraction, check_instance
 from shedder._core.throttler import Throttler
 
 __all__ = ["AdaptiveSampler", "SupportsLoad"]
@@ -76,7 +76,11 @@ class AdaptiveSampler:
                 f"got {type(follow).__name__}"
             )
         self._load = 0.0
-        self._random = rng if rng is not None else random.Random()
+        self._random = (
+            random.Random()
+            if rng is None
+            else check_instance("rng", rng, random.Random, "a random.Random or None")
+        )
         self._lock = threading.Lock()  # random.Random is not documented as thread-safe
         self.kept_total = 0
         self.dropped_total = 0

@@ -25,7 +25,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from shedder._core.checks import check_seconds
+from shedder._core.checks import check_bool, check_header_name, check_seconds
 
 __all__ = [
     "Deadlines",
@@ -171,15 +171,12 @@ class Deadlines:
 
     def __post_init__(self) -> None:
         for name in ("grpc_timeout", "envoy", "request_start"):
-            if not isinstance(getattr(self, name), bool):
-                raise TypeError(f"{name} must be a bool, got {getattr(self, name)!r}")
-        if self.header is not None and not isinstance(self.header, str):
-            raise TypeError(f"header must be None or a header name, got {self.header!r}")
-        if self.header is not None and not _TOKEN.fullmatch(self.header):
-            raise ValueError(f"header must be None or a header name, got {self.header!r}")
+            check_bool(name, getattr(self, name))
+        if self.header is not None:
+            object.__setattr__(self, "header", check_header_name("header", self.header))
         check_seconds("max_budget", self.max_budget)
-        if not math.isfinite(check_seconds("margin", self.margin)):
-            raise ValueError(f"margin must be a finite number of seconds, got {self.margin!r}")
+        # An infinite margin would refuse every request that carries a deadline.
+        check_seconds("margin", self.margin, finite=True)
 
     def header_names(self) -> tuple[str, ...]:
         """The (lower-case) request headers these settings read."""

@@ -16,7 +16,13 @@ from dataclasses import dataclass
 from time import monotonic
 from typing import Any, Generic, Literal, TypeVar
 
-from shedder._core.checks import check_seconds
+from shedder._core.checks import (
+    check_callable,
+    check_choice,
+    check_header_name,
+    check_seconds,
+    check_strings,
+)
 from shedder._core.errors import Overloaded
 from shedder._core.throttler import Outcome, Permit, Throttler, Waiting
 
@@ -134,18 +140,16 @@ class Gate(Generic[E]):
         ``queue_timeout`` for these requests (a route decorator's ``timeout=``)."""
         self.throttler = throttler
         self._encode = encode
-        self._status_code = status_code
-        self._responder = responder
-        if classify is not None and not callable(classify):
-            raise TypeError(f"classify must be callable, got {classify!r}")
+        self._status_code = check_choice("status_code", status_code, (503, 429))
+        self._responder = None if responder is None else check_callable("responder", responder)
+        if classify is not None:
+            check_callable("classify", classify)
         self.classify = classify
-        if priority_header is not None and (
-            not isinstance(priority_header, str) or not priority_header
-        ):
-            raise ValueError(
-                f"priority_header must be None or a header name, got {priority_header!r}"
-            )
-        self._priority_header = None if priority_header is None else priority_header.lower()
+        self._priority_header = (
+            None
+            if priority_header is None
+            else check_header_name("priority_header", priority_header)
+        )
         self._trusted = _trusted_networks(trusted_peers)
         self._trust_cache: dict[str, bool] = {}
         if deadlines is not None and not isinstance(deadlines, Deadlines):
@@ -292,13 +296,11 @@ class Gate(Generic[E]):
 def _trusted_networks(
     peers: Iterable[str],
 ) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
-    if isinstance(peers, str):
-        raise TypeError("trusted_peers must be an iterable of addresses or networks, not a str")
     networks = []
-    for peer in peers:
+    for peer in check_strings("trusted_peers", peers):
         try:
             networks.append(ipaddress.ip_network(peer, strict=False))
-        except (TypeError, ValueError):
+        except ValueError:
             raise ValueError(
                 f"trusted_peers must hold IP addresses or networks, got {peer!r}"
             ) from None

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
+from shedder._core.checks import check_sequence
 from shedder._core.errors import Overloaded
 from shedder._core.throttler import Throttler
 from shedder._core.wire import REFUSED_HEADER
@@ -228,7 +229,7 @@ def normalize_path_rules(exempt: Iterable[str]) -> tuple[frozenset[str], tuple[s
         raise TypeError("exempt must be an iterable of paths, not a single string")
     exact: set[str] = set()
     prefixes: list[str] = []
-    for rule in exempt:
+    for rule in check_sequence("exempt", exempt):
         if not isinstance(rule, str) or not rule.startswith("/"):
             raise ValueError(f"exempt paths must start with '/', got {rule!r}")
         if rule.endswith("*"):

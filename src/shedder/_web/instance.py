@@ -103,7 +103,12 @@ def instance_table(
         instance_dir = os.environ.get(INSTANCE_DIR_ENV) or None
         if instance_dir is None:
             return None
-    return InstanceTable(instance_dir, insecure=insecure)
+    elif not isinstance(instance_dir, (str, os.PathLike)):
+        raise TypeError(f"instance_dir must be a path (str or os.PathLike), got {instance_dir!r}")
+    try:
+        return InstanceTable(instance_dir, insecure=insecure)
+    except ValueError as error:
+        raise ValueError(f"instance_dir: {error}") from None
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,14 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from shedder._core.checks import (
+    check_callable,
+    check_choice,
+    check_instance,
+    check_sequence,
+    check_str,
+    typed,
+)
 from shedder._core.throttler import Throttler, ThrottlerOptions
 
 from .http import HTTPResponse, ShedResponder, normalize_path_rules
@@ -45,10 +53,9 @@ def check_keywords(options: Iterable[str], known: Iterable[str] = ()) -> None:
 
 
 def check_status_code(status_code: object) -> int:
-    """The refusal status: 503 (the contract) or 429; ``ValueError`` for anything else."""
-    if status_code not in (503, 429):
-        raise ValueError(f"status_code must be 503 or 429, got {status_code!r}")
-    return status_code
+    """The refusal status: the int 503 (the contract) or 429 (``503.0`` is a ``TypeError``:
+    servers refuse a float status, turning every refusal into a 500)."""
+    return check_choice("status_code", status_code, (503, 429))
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,20 +111,31 @@ def adapter_settings(
         ("metrics_path", metrics_path),
         ("live_path", live_path),
     ):
-        if path is not None and (not isinstance(path, str) or not path.startswith("/")):
-            raise ValueError(f"{name} must be None or a path starting with '/', got {path!r}")
+        if path is not None:
+            check_str(name, path)
+            if not path.startswith("/"):
+                raise ValueError(f"{name} must be None or a path starting with '/', got {path!r}")
     if isinstance(health_throttlers, Throttler):
         health_throttlers = (health_throttlers,)
+    health_throttlers = check_sequence("health_throttlers", health_throttlers)
     for extra in health_throttlers:
-        if not isinstance(extra, Throttler):
-            raise TypeError(f"health_throttlers must hold shedder.Throttler objects, got {extra!r}")
-    if responder is not None and not callable(responder):
-        raise TypeError(f"responder must be callable, got {responder!r}")
+        check_instance("health_throttlers", extra, Throttler, "a sequence of shedder.Throttler")
+    if responder is not None:
+        check_callable("responder", responder)
     metrics: Callable[[Any, str | None], HTTPResponse] | None = None
     if metrics_path is not None:
         # Import now so a missing extra fails at start-up, not on the first scrape.
         from shedder.prometheus import ensure_instrumented
         from shedder.prometheus import metrics_response as metrics
+
+        # Duck-typed like prometheus_client itself: a registry registers and collects.
+        if metrics_registry is not None and not all(
+            callable(getattr(metrics_registry, verb, None)) for verb in ("register", "collect")
+        ):
+            raise TypeError(
+                "metrics_registry must be a prometheus_client.CollectorRegistry or None,"
+                f" got {typed(metrics_registry)}"
+            )
 
         # Metrics by default: the endpoint serves every throttler this adapter reports. With
         # Starlette's add_middleware the adapter is built on the first request, so at the
