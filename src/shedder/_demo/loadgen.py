@@ -363,6 +363,8 @@ class LoadGenerator:
         self.sent = 0
         self.outstanding = 0
         self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.started_at: float | None = None
+        """The loop time (``time.monotonic()``) the schedule counts from, once running."""
         self._all_done = asyncio.Event()  # binds to a loop on first use, not here
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -431,6 +433,7 @@ class LoadGenerator:
         self._loop = loop
         _raise_open_file_limit()
         start = loop.time() + 0.01
+        self.started_at = start
         try:
             await self._offer(start, on_tick)
         finally:
