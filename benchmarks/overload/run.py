@@ -104,9 +104,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=3, help="repetitions (--compare, --scenario)")
     parser.add_argument("--sustain-max", type=float, default=32.0, help="x capacity, --compare")
     parser.add_argument("--scenario", nargs="+", choices=SCENARIOS)
-    parser.add_argument(
-        "--options", help="coldstart: shedder options, JSON"
-    )
+    parser.add_argument("--options", help="coldstart: shedder options, JSON")
     parser.add_argument("--label", default="zero-config", help="coldstart: the options' name")
     parser.add_argument("--no-overloads", action="store_true", help="coldstart: 0.9x only")
     parser.add_argument("--suffix", default="", help="appended to the scenario's file name")

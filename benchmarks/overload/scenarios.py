@@ -213,6 +213,7 @@ def coldstart(
                 target, factor, duration=8.0, deadline=deadline, seed=seed + rep, cpus=cpus
             )
             points.append(_point(run))
+            traces.append(timeline(run))
         over[str(factor)] = _medians(points) | {"runs": points}
         m = over[str(factor)]
         echo(
@@ -223,7 +224,7 @@ def coldstart(
         "options": dict(options),
         "cold": {"runs": cold, "median": _medians(cold)},
         "overloads": over,
-        "traces": traces,
+        "traces": traces,  # the cold runs', then each overload's, in order
     }
 
 
