@@ -80,11 +80,13 @@ def test_vegas_probe_finds_the_true_noload_rtt() -> None:
     assert vegas.limit == 10  # restored
 
 
-def test_vegas_measures_the_noload_rtt_at_startup() -> None:
+def test_vegas_measures_the_noload_rtt_at_startup_if_the_first_round_queued() -> None:
     """Started under load, the first round's requests queued behind each other (mean 36 ms for
     a 20 ms service): the round ends in a probe, which measures 20 ms at low concurrency."""
     vegas = VegasLimit(20, probe_interval=10_000, probe_limit=3, rng=random.Random(0))
-    assert feed_round(vegas, 0.036, 20) == 3  # the startup probe: down to probe_limit
+    for rtt in [0.020] * 8 + [0.040] * 8 + [0.060] * 4:  # 20 at once on 8 connections
+        vegas.update(rtt, 20, False)
+    assert vegas.limit == 3  # the startup probe: down to probe_limit
     assert vegas.update(0.040, 10, False) == 3  # draining
     assert vegas.update(0.030, 3, False) == 3  # drained: measuring starts with the next
     for _ in range(6):
@@ -93,6 +95,15 @@ def test_vegas_measures_the_noload_rtt_at_startup() -> None:
     assert vegas.limit == 20  # restored
     # Later rounds at 36 ms now read as a queue of ceil(20 * (1 - 20/36)) = 9 > 6: shrink.
     assert feed_round(vegas, 0.036, 20) == 19
+
+
+def test_vegas_skips_the_startup_probe_without_queueing() -> None:
+    """A first round without queueing, even with one fast request in it: no probe, no dip."""
+    vegas = VegasLimit(20, probe_interval=10_000, rng=random.Random(0))
+    vegas.update(0.0001, 1, False)  # a readiness probe through the throttler
+    for _ in range(19):
+        vegas.update(0.021, 10, False)
+    assert vegas.limit == 26  # the round's mean is the no-load RTT: no queue, +6
 
 
 def test_vegas_one_fast_request_does_not_set_the_noload_rtt() -> None:
