@@ -160,7 +160,7 @@ class VegasLimit(Limit):
     requests behind each other (their mean was 33 ms for a 20 ms service at 4x on the
     benchmark), and that is no no-load RTT. Envoy's filter also begins with a minimum-RTT
     measurement; probing only on evidence spares a service started at ordinary load the dip
-    (about 0.5% of 8 s refused at 0.9x).
+    (measured: up to 18 requests refused in its 0.2 s at 0.9x).
     """
 
     def __init__(
@@ -189,7 +189,7 @@ class VegasLimit(Limit):
         self.rtt_noload = 0.0
         self._rounds_to_probe = self._next_probe()
         self._startup_check = startup_probe
-        # The round's two smallest RTTs: the second is what the round's requests take without
+        # The first round's two smallest RTTs: the second is what its requests take without
         # queueing, even if one request (a health check, a cached answer) was much faster.
         self._round_low = self._round_low2 = math.inf
         self._probe_phase = 0  # 0: not probing, 1: draining, 2: measuring
@@ -204,7 +204,7 @@ class VegasLimit(Limit):
     def update(self, rtt: float, in_flight: int, dropped: bool) -> int:
         if self._probe_phase:
             return self._probe(rtt, in_flight)
-        if not dropped and 0 < rtt < self._round_low2:
+        if self._startup_check and not dropped and 0 < rtt < self._round_low2:
             if rtt < self._round_low:
                 self._round_low, self._round_low2 = rtt, self._round_low
             else:
