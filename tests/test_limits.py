@@ -73,7 +73,8 @@ def test_vegas_probe_finds_the_true_noload_rtt() -> None:
     vegas._rounds_to_probe = 1
     assert feed_round(vegas, 0.080, 10) == 2  # the probe round: limit drops to probe_limit
     assert vegas.update(0.080, 5, False) == 2  # still draining (5 in flight > 2)
-    assert vegas.update(0.060, 2, False) == 2  # drained; measuring begins with the next
+    assert vegas.update(0.060, 2, False) == 2  # drained, one other still in flight
+    vegas.update(0.070, 1, False)  # that one, admitted before the drain: not measured
     for rtt in (0.030, 0.020, 0.025, 0.021):
         vegas.update(rtt, 2, False)
     assert vegas.rtt_noload == pytest.approx(0.024)  # the probe's mean
@@ -88,7 +89,9 @@ def test_vegas_measures_the_noload_rtt_at_startup_if_the_first_round_queued() ->
         vegas.update(rtt, 20, False)
     assert vegas.limit == 3  # the startup probe: down to probe_limit
     assert vegas.update(0.040, 10, False) == 3  # draining
-    assert vegas.update(0.030, 3, False) == 3  # drained: measuring starts with the next
+    assert vegas.update(0.030, 3, False) == 3  # drained: two others still in flight
+    vegas.update(0.035, 2, False)  # admitted before the drain, queued: not measured
+    vegas.update(0.030, 1, False)
     for _ in range(6):
         vegas.update(0.020, 3, False)
     assert vegas.rtt_noload == pytest.approx(0.020)

@@ -151,9 +151,9 @@ class VegasLimit(Limit):
     cold start, issue 13). A standing queue hides the true no-load RTT, and a service may
     become slower for good, so every ``probe_interval`` rounds (jittered to 50-100%) the limit
     drops to ``probe_limit`` until in-flight work drains, and the mean RTT of the next
-    ``2 * probe_limit`` samples becomes the new ``rtt_noload`` (as Envoy's adaptive concurrency
-    filter measures its minimum RTT, with a mean instead of a minimum for the same reason).
-    Then the limit is restored.
+    ``2 * probe_limit`` requests admitted after the drain becomes the new ``rtt_noload`` (as
+    Envoy's adaptive concurrency filter measures its minimum RTT, with a mean instead of a
+    minimum for the same reason). Then the limit is restored.
 
     With ``startup_probe`` (the default), a first round that shows queueing (its mean RTT over
     1.5x its second-smallest) ends in a probe: a service started under load queues its first
@@ -194,6 +194,7 @@ class VegasLimit(Limit):
         self._round_low = self._round_low2 = math.inf
         self._probe_phase = 0  # 0: not probing, 1: draining, 2: measuring
         self._probe_left = 0
+        self._probe_skip = 0
         self._probe_sum = 0.0
         self._probe_samples = 0
         super().__init__(initial)
@@ -213,11 +214,17 @@ class VegasLimit(Limit):
 
     def _probe(self, rtt: float, in_flight: int) -> int:
         if self._probe_phase == 1:
-            if in_flight <= self.probe_limit:  # drained: what runs now never queued behind
+            if in_flight <= self.probe_limit:  # drained: what is admitted now never queues
                 self._probe_phase = 2
                 self._probe_left = 2 * self.probe_limit
+                # The others still in flight were admitted before the drain and may have
+                # queued behind it: their times say nothing about no-load latency.
+                self._probe_skip = in_flight - 1
                 self._probe_sum = 0.0
                 self._probe_samples = 0
+            return self.limit
+        if self._probe_skip > 0:
+            self._probe_skip -= 1
             return self.limit
         if rtt > 0:
             self._probe_sum += rtt
