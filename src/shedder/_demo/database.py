@@ -80,7 +80,7 @@ class SimulatedDatabase:
         before its connection frees.
         """
         done = self.book()
-        for _ in range(8):  # an early wake is at most a loop iteration early: a few retries
+        for _ in range(64):  # each early wake is bounded by a loop iteration: retry, bounded
             left = done - time.monotonic()
             if left <= 0:
                 return
