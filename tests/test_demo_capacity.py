@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import MutableMapping
+from typing import Any
 
 import pytest
 
@@ -64,3 +66,50 @@ def test_the_database_holds_longer_during_a_slowdown() -> None:
     second = database.book()  # queues behind the first on the only connection
     assert second - first == pytest.approx(0.06)
     assert 0.06 <= first - before < 0.5  # loose: the machine may be busy
+
+
+def test_record_and_json_only_options_round_trip() -> None:
+    settings = AppSettings(
+        shedder={"max_concurrency": 9, "trusted_peers": ["127.0.0.1"], "classify": "tenant-header"},
+        record=0.1,
+    )
+    back = AppSettings.from_env(settings.to_env())
+    assert back.record == 0.1
+    options = throttler_options(back.shedder)
+    assert options["trusted_peers"] == ("127.0.0.1",)  # JSON lists become the tuples asked for
+    assert callable(options["classify"])
+    with pytest.raises(ValueError, match="classify must name one of tenant-header"):
+        throttler_options({"classify": "nope"})
+    with pytest.raises(ValueError, match="SHEDDER_DEMO_RECORD"):
+        AppSettings.from_env({"SHEDDER_DEMO_RECORD": "often"})
+
+
+async def test_the_recording_app_counts_requests_that_reach_it_after_their_deadline() -> None:
+    import json
+
+    from shedder._demo.asgi_app import make_app
+
+    app = make_app(AppSettings(pool=8, hold_ms=1.0, shedder={"max_concurrency": 9}, record=0.05))
+    sent: list[MutableMapping[str, Any]] = []
+
+    async def receive() -> MutableMapping[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: MutableMapping[str, Any]) -> None:
+        sent.append(message)
+
+    def scope(path: str, scheduled: float | None = None) -> MutableMapping[str, Any]:
+        headers = [(b"x-envoy-expected-rq-timeout-ms", b"100")]
+        if scheduled is not None:
+            headers.append((b"x-bench-scheduled", f"{scheduled:.6f}".encode()))
+        return {"type": "http", "method": "GET", "path": path, "headers": headers}
+
+    now = time.monotonic()
+    await app(scope("/", now - 1.0), receive, send)  # sent a second ago: 900 ms late
+    await app(scope("/", now), receive, send)  # in time
+    await app(scope("/"), receive, send)  # no stamp: counted apart
+    sent.clear()
+    await app(scope("/bench/stats"), receive, send)  # exempt: never throttled
+    report = json.loads(sent[1]["body"])
+    assert (report["started"], report["late"], report["unstamped"]) == (3, 1, 1)
+    assert 850 < report["late_max_ms"] < 1500

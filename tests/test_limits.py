@@ -46,10 +46,10 @@ def test_aimd_arithmetic() -> None:
 
 
 def test_vegas_arithmetic() -> None:
-    vegas = VegasLimit(20, probe_interval=10_000, rng=random.Random(0))
+    vegas = VegasLimit(20, probe_interval=10_000, startup_probe=False, rng=random.Random(0))
     # No queue: rtt == rtt_noload -> queue 0 <= step 1 -> +6.
     assert feed_round(vegas, 0.020, 20) == 26
-    assert vegas.rtt_noload == 0.020
+    assert vegas.rtt_noload == pytest.approx(0.020)
     # queue = ceil(26 * (1 - 20/25)) = ceil(5.2) = 6: within [3, 6] -> hold.
     assert feed_round(vegas, 0.025, 26) == 26
     # queue = ceil(26 * (1 - 20/22)) = 3: not < 3 and not > 6 -> hold.
@@ -63,7 +63,7 @@ def test_vegas_arithmetic() -> None:
     # App-limited (in flight under half the limit): hold.
     assert feed_round(vegas, 0.020, 5) == 25
     # Step grows with log10: at 100 the moves are 2 and 12.
-    big = VegasLimit(100, probe_interval=10_000)
+    big = VegasLimit(100, probe_interval=10_000, startup_probe=False)
     assert feed_round(big, 0.010, 100) == 112
 
 
@@ -73,11 +73,57 @@ def test_vegas_probe_finds_the_true_noload_rtt() -> None:
     vegas._rounds_to_probe = 1
     assert feed_round(vegas, 0.080, 10) == 2  # the probe round: limit drops to probe_limit
     assert vegas.update(0.080, 5, False) == 2  # still draining (5 in flight > 2)
-    assert vegas.update(0.060, 2, False) == 2  # drained; measuring begins with the next
+    assert vegas.update(0.060, 2, False) == 2  # drained, one other still in flight
+    vegas.update(0.070, 1, False)  # that one, admitted before the drain: not measured
     for rtt in (0.030, 0.020, 0.025, 0.021):
         vegas.update(rtt, 2, False)
-    assert vegas.rtt_noload == 0.020
+    assert vegas.rtt_noload == pytest.approx(0.024)  # the probe's mean
     assert vegas.limit == 10  # restored
+
+
+def test_vegas_measures_the_noload_rtt_at_startup_if_the_first_round_queued() -> None:
+    """Started under load, the first round's requests queued behind each other (mean 36 ms for
+    a 20 ms service): the round ends in a probe, which measures 20 ms at low concurrency."""
+    vegas = VegasLimit(20, probe_interval=10_000, probe_limit=3, rng=random.Random(0))
+    for rtt in [0.020] * 8 + [0.040] * 8 + [0.060] * 4:  # 20 at once on 8 connections
+        vegas.update(rtt, 20, False)
+    assert vegas.limit == 3  # the startup probe: down to probe_limit
+    assert vegas.update(0.040, 10, False) == 3  # draining
+    assert vegas.update(0.030, 3, False) == 3  # drained: two others still in flight
+    vegas.update(0.035, 2, False)  # admitted before the drain, queued: not measured
+    vegas.update(0.030, 1, False)
+    for _ in range(6):
+        vegas.update(0.020, 3, False)
+    assert vegas.rtt_noload == pytest.approx(0.020)
+    assert vegas.limit == 20  # restored
+    # Later rounds at 36 ms now read as a queue of ceil(20 * (1 - 20/36)) = 9 > 6: shrink.
+    assert feed_round(vegas, 0.036, 20) == 19
+
+
+def test_vegas_skips_the_startup_probe_without_queueing() -> None:
+    """A first round without queueing, even with one fast request in it: no probe, no dip."""
+    vegas = VegasLimit(20, probe_interval=10_000, rng=random.Random(0))
+    vegas.update(0.0001, 1, False)  # a readiness probe through the throttler
+    for _ in range(19):
+        vegas.update(0.021, 10, False)
+    assert vegas.limit == 26  # the round's mean is the no-load RTT: no queue, +6
+
+
+def test_vegas_one_fast_request_does_not_set_the_noload_rtt() -> None:
+    """A readiness probe through the throttler (0.1 ms) before 20 ms requests at 0.9x load.
+
+    Taken as the no-load RTT, it made every round look queued (queue ~ limit), and the limit
+    shrank from 20 to 6, below the 8 connections of the service, until the first probe
+    seconds later: 11-20% refused at 0.9x from a cold start on the benchmark (issue 13).
+    """
+    vegas = VegasLimit(20, probe_interval=10_000, startup_probe=False, rng=random.Random(0))
+    vegas.update(0.0001, 1, False)
+    for _ in range(vegas.limit - 1):
+        vegas.update(0.020, 10, False)
+    assert vegas.rtt_noload == pytest.approx((0.0001 + 19 * 0.020) / 20)  # the round's mean
+    for _ in range(20):
+        feed_round(vegas, 0.021, 10)  # light load: rounds barely above no-load
+    assert vegas.limit >= 20
 
 
 def test_gradient2_arithmetic() -> None:
@@ -105,6 +151,7 @@ def test_gradient2_arithmetic() -> None:
         (VegasLimit, {"max_limit": 0}, "max_limit must be >= 1"),
         (VegasLimit, {"smoothing": 1.5}, "smoothing"),
         (VegasLimit, {"probe_limit": 0}, "probe_limit"),
+        (VegasLimit, {"startup_probe": 1}, "startup_probe must be True or False"),
         (Gradient2Limit, {"queue_size": -1}, "queue_size"),
         (Gradient2Limit, {"long_window": 0}, "long_window"),
     ],
@@ -202,14 +249,14 @@ def test_every_algorithm_is_stable_at_a_steady_overload(make_limit: object) -> N
 
 
 def test_a_drop_counts_in_the_round_but_not_as_latency() -> None:
-    vegas = VegasLimit(4, probe_interval=10_000)
+    vegas = VegasLimit(4, probe_interval=10_000, startup_probe=False)
     feed_round(vegas, 0.020, 4)  # 4 -> 10 (no queue: +6)
     assert vegas.limit == 10
     for _ in range(9):
         vegas.update(0.020, 10, False)
     # The round's last sample is a 5 s queue timeout: a drop (-1), not a 5 s latency.
     assert vegas.update(5.0, 10, True) == 9
-    assert vegas.rtt_noload == 0.020
+    assert vegas.rtt_noload == pytest.approx(0.020)
 
 
 def test_a_queue_timeout_does_not_shrink_the_limit() -> None:

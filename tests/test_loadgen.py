@@ -18,9 +18,11 @@ from shedder._demo.loadgen import (
     SHED,
     TIMEOUT,
     LoadGenerator,
+    RequestClass,
     classify,
     poisson_schedule,
 )
+from shedder._demo.report import summarize_classes
 
 HOST = "127.0.0.1"
 
@@ -209,3 +211,47 @@ def test_generator_rejects_bad_settings() -> None:
         LoadGenerator(HOST, 1, rate=10, duration=1, deadline=0)
     with pytest.raises(ValueError, match="max_requests"):
         LoadGenerator(HOST, 1, rate=10, duration=1, max_requests=0)
+
+
+async def test_request_classes_carry_their_headers_and_are_summarised_per_class() -> None:
+    """Two classes in one schedule: each request carries its class's header and the stamp of
+    its scheduled send time; the server answers by class, and the summary splits by class."""
+    stamps: list[float] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).lower()
+        stamps.append(float(head.split(b"x-sent: ", 1)[1].split(b"\r\n", 1)[0]))
+        if b"x-kind: bulk" in head:
+            writer.write(b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+        else:
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, HOST, 0)
+    port = server.sockets[0].getsockname()[1]
+    classes = [
+        RequestClass("vip", 1.0, (("x-kind", "vip"),)),
+        RequestClass("bulk", 3.0, (("x-kind", "bulk"),)),
+    ]
+    generator = LoadGenerator(
+        HOST, port, rate=400, duration=0.5, seed=5, classes=classes, stamp_header="x-sent"
+    )
+    same_seed = LoadGenerator(HOST, port, rate=400, duration=0.5, seed=5)
+    try:
+        result = await generator.run()
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert generator.schedule == same_seed.schedule  # classes do not move the send times
+    assert result.class_names == ("vip", "bulk")
+    by_class = summarize_classes(result)
+    vip, bulk = by_class["vip"], by_class["bulk"]
+    assert vip["sent"] + bulk["sent"] == len(result.outcome)
+    assert 0.15 < vip["sent"] / len(result.outcome) < 0.35  # weight 1 of 4
+    assert vip["success_pct"] == 100.0
+    assert bulk[SHED] == bulk["sent"]
+    assert bulk["share_of_refusals_pct"] == 100.0
+    # Stamped with the scheduled send time, on the clock the server reads too.
+    assert len(stamps) == len(result.outcome)
+    assert all(abs(time.monotonic() - s) < 5 for s in stamps)

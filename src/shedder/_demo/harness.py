@@ -24,7 +24,7 @@ from pathlib import Path
 from types import FrameType, TracebackType
 from typing import IO, Any, Literal
 
-from .loadgen import LoadGenerator, LoadResult
+from .loadgen import LoadGenerator, LoadResult, RequestClass
 from .settings import AppSettings
 
 __all__ = [
@@ -391,12 +391,28 @@ def run_point(
     cpus: CpuPlan,
     port: int | None = None,
     on_tick: TickCallback | None = None,
+    classes: Sequence[RequestClass] | None = None,
+    headers: Sequence[tuple[str, str]] = (),
+    stamp_header: str | None = None,
 ) -> PointRun:
-    """Start ``target``'s server, offer ``load_factor`` x capacity for ``duration`` s, stop it."""
+    """Start ``target``'s server, offer ``load_factor`` x capacity for ``duration`` s, stop it.
+
+    ``classes``, ``headers`` and ``stamp_header`` go to the :class:`LoadGenerator`. When the
+    app records (``target.app.record``), its ``/bench/stats`` are read before the server stops
+    and kept in ``extra["recorded"]``, with the generator's start time in ``extra["t0"]``.
+    """
     rate = target.app.capacity * load_factor
     with ServerProcess(target, port or find_free_port(), cpu=cpus.server) as server:
         generator = LoadGenerator(
-            HOST, server.port, rate=rate, duration=duration, deadline=deadline, seed=seed
+            HOST,
+            server.port,
+            rate=rate,
+            duration=duration,
+            deadline=deadline,
+            seed=seed,
+            classes=classes,
+            headers=headers,
+            stamp_header=stamp_header,
         )
         cpu_before = server.cpu_seconds() or 0.0
         started = time.monotonic()
@@ -404,6 +420,9 @@ def run_point(
         result = asyncio.run(generator.run(tick))
         wall = time.monotonic() - started
         cpu_after = server.cpu_seconds()
+        extra: dict[str, Any] = {"t0": generator.started_at}
+        if target.app.record:
+            extra["recorded"] = _read_json(server.port, "/bench/stats")
         return PointRun(
             target=target,
             load_factor=load_factor,
@@ -411,7 +430,19 @@ def run_point(
             peak_rss=server.peak_rss(),
             server_cpu=None if cpu_after is None else cpu_after - cpu_before,
             wall=wall,
+            extra=extra,
         )
+
+
+def _read_json(port: int, path: str) -> Any:
+    import json
+
+    connection = http.client.HTTPConnection(HOST, port, timeout=10.0)
+    try:
+        connection.request("GET", path)
+        return json.loads(connection.getresponse().read())
+    finally:
+        connection.close()
 
 
 def run_points(

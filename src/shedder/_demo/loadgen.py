@@ -23,7 +23,7 @@ import errno
 import math
 import random
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "TIMEOUT",
     "LoadGenerator",
     "LoadResult",
+    "RequestClass",
     "classify",
     "poisson_schedule",
 ]
@@ -83,13 +84,31 @@ def poisson_schedule(
     return times
 
 
+@dataclass(frozen=True)
+class RequestClass:
+    """One kind of request in a mixed schedule: its name, weight and extra headers.
+
+    Each request of a schedule is drawn at random with probability ``weight / total weight``:
+    the superposition of independent Poisson processes, one per class.
+    """
+
+    name: str
+    weight: float
+    headers: tuple[tuple[str, str], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.weight > 0 or math.isinf(self.weight):
+            raise ValueError(f"weight must be a positive finite number, got {self.weight}")
+
+
 @dataclass(slots=True)
 class LoadResult:
     """Per-request outcomes of one run, in send order; latencies in seconds.
 
     ``scheduled[i]`` is request ``i``'s send time in seconds from the start; ``latency[i]`` runs
     from that time to its complete answer (or to the deadline, for a timeout); ``status[i]`` is
-    0 when no answer was parsed.
+    0 when no answer was parsed. With request classes, ``request_class[i]`` indexes
+    ``class_names`` (empty without classes).
     """
 
     rate: float
@@ -101,6 +120,8 @@ class LoadResult:
     latency: list[float] = field(default_factory=list)
     send_lag: list[float] = field(default_factory=list)
     errors: dict[str, int] = field(default_factory=dict)
+    class_names: tuple[str, ...] = ()
+    request_class: list[int] = field(default_factory=list)
 
     def count(self, outcome: str) -> int:
         """How many requests ended with ``outcome`` (one of :data:`OUTCOMES`)."""
@@ -168,7 +189,7 @@ class _Exchange:
         sock = self.sock
         if sock is None:
             return
-        request = self._generator.request_bytes
+        request = self._generator.request_for(self.index)
         try:
             # A fresh socket's send buffer takes a small request whole.
             sent = sock.send(request)
@@ -247,6 +268,13 @@ class _Exchange:
         sock.close()
 
 
+def _header_lines(headers: Sequence[tuple[str, str]]) -> str:
+    for name, value in headers:
+        if any(c in name + value for c in "\r\n") or not name:
+            raise ValueError(f"bad header {name!r}: {value!r}")
+    return "".join(f"{name}: {value}\r\n" for name, value in headers)
+
+
 def _error_name(exc: OSError) -> str:
     if exc.errno is not None and exc.errno in errno.errorcode:
         return errno.errorcode[exc.errno]
@@ -267,6 +295,13 @@ class LoadGenerator:
         deadline: client timeout per request, seconds, from its scheduled send time.
         seed: for the arrival schedule; the same seed gives the same schedule.
         max_requests: a hard cap on requests sent, whatever ``rate * duration`` is.
+        classes: a mix of request kinds in the one schedule (see :class:`RequestClass`); each
+            request's class is drawn from its own seeded stream, so the send times stay those
+            of ``seed``. None: one kind.
+        headers: extra headers on every request.
+        stamp_header: if set, every request carries this header with its scheduled send time
+            (``time.monotonic()`` seconds, the clock every process on the host shares), so
+            the server can tell how long after it a request reached the app.
     """
 
     def __init__(
@@ -280,6 +315,9 @@ class LoadGenerator:
         path: str = "/",
         seed: int | None = None,
         max_requests: int = 200_000,
+        classes: Sequence[RequestClass] | None = None,
+        headers: Sequence[tuple[str, str]] = (),
+        stamp_header: str | None = None,
     ) -> None:
         if not deadline > 0:
             raise ValueError(f"deadline must be > 0 seconds, got {deadline}")
@@ -292,11 +330,21 @@ class LoadGenerator:
         self.duration = duration
         self.deadline = deadline
         self.schedule = poisson_schedule(rate, duration, random.Random(seed), max_requests)
-        self.request_bytes = (
+        head = (
             f"GET {path} HTTP/1.1\r\nHost: {host}:{port}\r\nConnection: close\r\n"
-            "User-Agent: shedder-loadgen\r\n\r\n"
-        ).encode("latin-1")
+            "User-Agent: shedder-loadgen\r\n" + _header_lines(headers)
+        )
+        self.request_bytes = (head + "\r\n").encode("latin-1")
         n = len(self.schedule)
+        self.classes = tuple(classes or ())
+        self._heads = [head + _header_lines(c.headers) for c in self.classes] or [head]
+        self._stamp = stamp_header
+        self._class_of: list[int] = []
+        if self.classes:
+            picker = random.Random(None if seed is None else f"classes-{seed}")
+            weights = [c.weight for c in self.classes]
+            self._class_of = picker.choices(range(len(self.classes)), weights, k=n)
+        self._requests = [(h + "\r\n").encode("latin-1") for h in self._heads]
         self._result = LoadResult(
             rate=rate,
             duration=duration,
@@ -306,6 +354,8 @@ class LoadGenerator:
             status=[0] * n,
             latency=[math.nan] * n,
             send_lag=[],
+            class_names=tuple(c.name for c in self.classes),
+            request_class=self._class_of,
         )
         self._starts: list[float] = [0.0] * n
         self._exchanges: list[_Exchange | None] = [None] * n
@@ -313,6 +363,8 @@ class LoadGenerator:
         self.sent = 0
         self.outstanding = 0
         self.counts: dict[str, int] = dict.fromkeys(OUTCOMES, 0)
+        self.started_at: float | None = None
+        """The loop time (``time.monotonic()``) the schedule counts from, once running."""
         self._all_done = asyncio.Event()  # binds to a loop on first use, not here
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -322,6 +374,14 @@ class LoadGenerator:
         if self._loop is None:
             raise RuntimeError("the load generator is not running")
         return self._loop
+
+    def request_for(self, index: int) -> bytes:
+        """The bytes of request ``index``: its class's headers, and its stamp if asked for."""
+        kind = self._class_of[index] if self._class_of else 0
+        if self._stamp is None:
+            return self._requests[kind]
+        stamp = f"{self._stamp}: {self._starts[index]:.6f}\r\n\r\n"
+        return (self._heads[kind] + stamp).encode("latin-1")
 
     def finish(self, index: int, outcome: str, status: int, error: str | None) -> None:
         """Record request ``index``'s outcome and close its socket; later calls are ignored."""
@@ -373,6 +433,7 @@ class LoadGenerator:
         self._loop = loop
         _raise_open_file_limit()
         start = loop.time() + 0.01
+        self.started_at = start
         try:
             await self._offer(start, on_tick)
         finally:

@@ -30,6 +30,7 @@ __all__ = [
     "rows_from_runs",
     "side_by_side",
     "summarize",
+    "summarize_classes",
     "write_json",
 ]
 
@@ -155,6 +156,49 @@ def summarize(
         send_lag_p99_ms=_ms(_percentile(result.send_lag, 0.99)),
         errors=dict(result.errors),
     )
+
+
+def summarize_classes(
+    result: LoadResult, *, warmup: float = 0.0, cooldown: float = 0.0
+) -> dict[str, dict[str, Any]]:
+    """Per request class (see :class:`~shedder._demo.loadgen.RequestClass`), of the requests
+    sent in the window of :func:`summarize`: counts, success % (2xx within the deadline),
+    rates per second of window, p50/p99 of the successful ones, and each class's share of all
+    the refusals (503/429) in the window. Empty for a run without classes.
+    """
+    names = result.class_names
+    if not names:
+        return {}
+    end = result.duration - cooldown
+    window = end - warmup
+    per: list[dict[str, Any]] = [
+        {"sent": 0, OK: 0, SHED: 0, TIMEOUT: 0, "error": 0, "_ok": []} for _ in names
+    ]
+    for at, outcome, latency, kind in zip(
+        result.scheduled, result.outcome, result.latency, result.request_class, strict=True
+    ):
+        if not warmup <= at < end:
+            continue
+        entry = per[kind]
+        entry["sent"] += 1
+        entry[outcome if outcome in (OK, SHED, TIMEOUT) else "error"] += 1
+        if outcome == OK:
+            entry["_ok"].append(latency)
+    refusals = sum(entry[SHED] for entry in per)
+    out: dict[str, dict[str, Any]] = {}
+    for name, entry in zip(names, per, strict=True):
+        ok_latency = entry.pop("_ok")
+        sent = entry["sent"]
+        entry.update(
+            sent_rate=round(sent / window, 1),
+            goodput=round(entry[OK] / window, 1),
+            success_pct=round(100.0 * entry[OK] / sent, 3) if sent else None,
+            p50_ok_ms=_ms(_percentile(ok_latency, 0.50)),
+            p99_ok_ms=_ms(_percentile(ok_latency, 0.99)),
+            share_of_refusals_pct=round(100.0 * entry[SHED] / refusals, 2) if refusals else None,
+        )
+        out[name] = entry
+    return out
 
 
 @dataclass(frozen=True)

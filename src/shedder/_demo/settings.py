@@ -7,7 +7,13 @@ makes the database slower for stretches of the run, so capacity changes mid-run.
 
 JSON cannot carry a :class:`shedder.limits.Limit`, so the shedder options may name one:
 ``{"limit": {"vegas": {"max_limit": 100}}}`` becomes ``max_concurrency=VegasLimit(max_limit=100)``
-(see :func:`throttler_options`).
+(see :func:`throttler_options`); ``{"classify": "tenant-header"}`` names a classifier the same way.
+
+``SHEDDER_DEMO_RECORD`` (a sampling period in seconds, e.g. ``0.1``; empty: off) makes the app
+record, for the benchmark: the throttler's state every period (limit, in flight, queued, CoDel's
+standing state, the limit algorithm's figures, refusals by reason), and, for each request that
+reaches the app, whether it started after the client's deadline (the scheduled send time in
+``x-bench-scheduled`` plus ``x-envoy-expected-rq-timeout-ms``). ``GET /bench/stats`` returns it.
 """
 
 from __future__ import annotations
@@ -18,12 +24,13 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["LIMITS", "AppSettings", "throttler_options"]
+__all__ = ["CLASSIFIERS", "LIMITS", "AppSettings", "throttler_options"]
 
 POOL_ENV = "SHEDDER_DEMO_POOL"
 HOLD_ENV = "SHEDDER_DEMO_HOLD_MS"
 SHEDDER_ENV = "SHEDDER_DEMO_SHEDDER"
 SLOWDOWN_ENV = "SHEDDER_DEMO_SLOWDOWN"
+RECORD_ENV = "SHEDDER_DEMO_RECORD"
 
 LIMITS = {
     "fixed": "FixedLimit",
@@ -33,7 +40,21 @@ LIMITS = {
 }
 """Limit algorithms by the name the ``limit`` option uses, and their class in shedder.limits."""
 
+CLASSIFIERS = ("tenant-header",)
+"""Classifiers by the name the ``classify`` option uses (see :func:`throttler_options`)."""
+
+_TUPLE_OPTIONS = ("priorities", "trusted_peers")
+"""Options JSON carries as lists that the middleware takes as tuples."""
+
 Slowdown = tuple[tuple[float, float, float], ...]
+
+
+def _tenant_header(request: Any) -> Any:
+    """Each tenant (the ``x-tenant`` header) is a flow of the default class."""
+    import shedder
+
+    # By name: written against the API of issue 15, before it exists in every checkout.
+    return getattr(shedder, "Classification")(flow=request.headers.get("x-tenant"))  # noqa: B009
 
 
 def throttler_options(options: Mapping[str, Any]) -> dict[str, Any]:
@@ -43,6 +64,14 @@ def throttler_options(options: Mapping[str, Any]) -> dict[str, Any]:
     unknown name, a malformed entry, or both ``limit`` and ``max_concurrency``.
     """
     built = dict(options)
+    for key in _TUPLE_OPTIONS:
+        if isinstance(built.get(key), list):
+            built[key] = tuple(built[key])
+    classifier = built.get("classify")
+    if isinstance(classifier, str):
+        if classifier not in CLASSIFIERS:
+            raise ValueError(f"classify must name one of {', '.join(CLASSIFIERS)}")
+        built["classify"] = _tenant_header
     spec = built.pop("limit", None)
     if spec is None:
         return built
@@ -94,6 +123,7 @@ class AppSettings:
     hold_ms: float = 20.0
     shedder: Mapping[str, Any] = field(default_factory=dict)
     slowdown: Slowdown = ()
+    record: float = 0.0
 
     def __post_init__(self) -> None:
         if self.pool < 1:
@@ -122,6 +152,7 @@ class AppSettings:
             HOLD_ENV: repr(self.hold_ms),
             SHEDDER_ENV: json.dumps(dict(self.shedder)) if self.shedder else "",
             SLOWDOWN_ENV: json.dumps([list(s) for s in self.slowdown]) if self.slowdown else "",
+            RECORD_ENV: repr(self.record) if self.record else "",
         }
 
     @classmethod
@@ -138,4 +169,8 @@ class AppSettings:
         if not isinstance(options, dict):
             raise ValueError(f"{SHEDDER_ENV} must be a JSON object, got {raw!r}")
         slowdown = _parse_slowdown(env.get(SLOWDOWN_ENV, ""))
-        return cls(pool=pool, hold_ms=hold_ms, shedder=options, slowdown=slowdown)
+        try:
+            record = float(env.get(RECORD_ENV) or 0.0)
+        except ValueError:
+            raise ValueError(f"{RECORD_ENV} must be a period in seconds") from None
+        return cls(pool=pool, hold_ms=hold_ms, shedder=options, slowdown=slowdown, record=record)
