@@ -17,12 +17,12 @@ import itertools
 import math
 import random
 import threading
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from queue import Empty, Full
 from time import monotonic
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 from shedder._core.checks import (
     check_callable,
@@ -33,6 +33,7 @@ from shedder._core.checks import (
     check_sequence,
 )
 from shedder._core.waiters import _AsyncWaiter, _resolve, _ThreadWaiter
+from shedder._core.waitqueue import WaiterQueue
 
 __all__ = [
     "BlockingQueue",
@@ -128,8 +129,9 @@ class _QueueCore(Generic[T]):
         self._lock = threading.Lock()
         self._items: deque[T] = deque()
         self._reserved = 0  # slots granted to waking putters that have not inserted yet
-        self._getters: OrderedDict[_Waiter, None] = OrderedDict()
-        self._putters: OrderedDict[_Waiter, None] = OrderedDict()
+        # The throttler's waiting room, with one class and no flows: arrival order.
+        self._getters = WaiterQueue()
+        self._putters = WaiterQueue()
         self._handed: dict[_Waiter, T] = {}  # items handed to getters that have not woken yet
         self._put_total = 0
         self._get_total = 0
@@ -204,7 +206,7 @@ class _QueueCore(Generic[T]):
 
     def _hand_or_keep_locked(self, item: T, keep: Callable[[T], None]) -> bool:
         while self._getters:
-            waiter, _ = self._getters.popitem(last=False)
+            waiter: Any = self._getters.pop_next(False)
             self._handed[waiter] = item
             if waiter.grant():
                 return False
@@ -215,7 +217,7 @@ class _QueueCore(Generic[T]):
     def _free_slot_locked(self) -> None:
         """A slot was freed: reserve it for the oldest live putter, if any."""
         while self._putters:
-            waiter, _ = self._putters.popitem(last=False)
+            waiter: Any = self._putters.pop_next(False)
             self._reserved += 1
             if waiter.grant():
                 return
@@ -267,7 +269,7 @@ class _QueueCore(Generic[T]):
             if timeout == 0:
                 raise Full
             waiter = new_waiter()
-            self._putters[waiter] = None
+            self._putters.push(waiter, 0, None, 0.0)
             return None, waiter
 
     def _settle_put(self, waiter: _Waiter, item: T, started: float) -> None:
@@ -279,7 +281,7 @@ class _QueueCore(Generic[T]):
                     self._free_slot_locked()
                 self._observe_put_locked(monotonic() - started)
                 return
-            del self._putters[waiter]  # timed out; a granted waiter has already left the queue
+            self._putters.remove(waiter)  # timed out; a granted waiter has already left the queue
         raise Full
 
     def _abandon_put(self, waiter: _Waiter) -> None:
@@ -288,7 +290,7 @@ class _QueueCore(Generic[T]):
                 self._reserved -= 1
                 self._free_slot_locked()
             else:
-                self._putters.pop(waiter, None)
+                self._putters.remove(waiter)
 
     def _put_sync(self, item: T, timeout: float | None) -> list[T]:
         timeout = _check_timeout(timeout)
@@ -329,7 +331,7 @@ class _QueueCore(Generic[T]):
             if timeout == 0:
                 raise Empty
             waiter = new_waiter()
-            self._getters[waiter] = None
+            self._getters.push(waiter, 0, None, 0.0)
             return [], waiter
 
     def _settle_get(self, waiter: _Waiter) -> T:
@@ -338,7 +340,7 @@ class _QueueCore(Generic[T]):
                 self._get_total += 1
                 self._observe_get_locked()
                 return self._handed.pop(waiter)
-            del self._getters[waiter]
+            self._getters.remove(waiter)
         raise Empty
 
     def _abandon_get(self, waiter: _Waiter) -> None:
@@ -348,7 +350,7 @@ class _QueueCore(Generic[T]):
                 # back to the head, so nothing is lost (this may exceed capacity by one, briefly).
                 self._hand_or_keep_locked(self._handed.pop(waiter), self._items.appendleft)
             else:
-                self._getters.pop(waiter, None)
+                self._getters.remove(waiter)
 
     def _get_sync(self, timeout: float | None) -> T:
         timeout = _check_timeout(timeout)
