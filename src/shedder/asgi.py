@@ -299,20 +299,20 @@ class LoadSheddingMiddleware:
             decision = self._throttler_admit(waiter="async")
         else:
             decision, deadline = self._admit(scope, found or {})
-        if not isinstance(decision, Permit):
-            if isinstance(decision, Overloaded):
+        pending: asyncio.Future[Message] | None = None
+        if type(decision) is not Permit:  # exact types: cheaper than isinstance, never subclassed
+            if type(decision) is Overloaded:
                 code, headers, body = self._gate.refusal(decision)
                 await send({"type": "http.response.start", "status": code, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
-            else:
-                await self._wait_and_call(decision, deadline, scope, receive, send)
-            return
+                return
+            waited = await self._wait(decision, scope, receive, send)  # type: ignore[arg-type]
+            if waited is None:
+                return  # refused (and answered) or the client left (nothing to answer)
+            decision, receive, pending = waited
 
-        if deadline is not None:
-            await self._call(decision, deadline, scope, receive, send)
-            return
-        # The hot path, inlined from _call (one coroutine frame less per request).
-        permit = decision
+        # Run the app, holding the slot until the response body ends or the app finishes.
+        permit: Permit = decision
         release = permit._throttler._release  # one call frame less than permit.release
         outcome = self._outcome
         status: int | None = None
@@ -327,11 +327,24 @@ class LoadSheddingMiddleware:
                 release(permit, outcome(status, None))
 
         scope["shedder.permit"] = permit
+        token = None
+        if deadline is not None:
+            scope["shedder.deadline"] = deadline
+            permit.deadline = deadline  # a grant after a wait carries only its latest start
+            # So that shedder.client calls made by the app end by this request's deadline.
+            token = _DEADLINE.set(deadline)
         try:
             await self.app(scope, receive, send_then_release)
         except BaseException as error:
             release(permit, outcome(status, error))
             raise
+        finally:
+            if token is not None:
+                _DEADLINE.reset(token)
+            if pending is not None and not pending.done():
+                # The app never asked for the message the watch was waiting for.
+                pending.cancel()
+                pending.add_done_callback(_discard_message)
         if not permit._released:  # saves taking the lock when the body already freed it
             release(permit, outcome(status, None))
 
@@ -358,47 +371,15 @@ class LoadSheddingMiddleware:
 
         return self._gate.admit(found.get, host, request, "async")
 
-    async def _call(
-        self, permit: Permit, deadline: float | None, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """Run the app, holding ``permit`` until the response body ends or the app finishes.
+    async def _wait(
+        self, waiting: Waiting, scope: Scope, receive: Receive, send: Send
+    ) -> tuple[Permit, Receive, asyncio.Future[Message] | None] | None:
+        """The slow path: wait for a slot while watching for the client's disconnect.
 
-        The same as the fast path at the end of ``__call__``: change both together.
+        Returns the permit, the ``receive`` the app must use (it replays what the watch took)
+        and the watch's pending ``receive()`` (for the caller to drop if the app never asks);
+        None when refused (the refusal is sent here) or when the client left.
         """
-        release = permit.release
-        outcome = self._outcome
-        status: int | None = None
-
-        async def send_then_release(message: Message) -> None:
-            nonlocal status
-            await send(message)
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = message["status"]
-            elif kind in _BODY_TYPES and not message.get("more_body", False):
-                release(outcome(status, None))
-
-        scope["shedder.permit"] = permit
-        token = None
-        if deadline is not None:
-            scope["shedder.deadline"] = deadline
-            # So that shedder.client calls made by the app end by this request's deadline.
-            token = _DEADLINE.set(deadline)
-        try:
-            await self.app(scope, receive, send_then_release)
-        except BaseException as error:
-            release(outcome(status, error))
-            raise
-        finally:
-            if token is not None:
-                _DEADLINE.reset(token)
-        if not permit._released:
-            release(outcome(status, None))
-
-    async def _wait_and_call(
-        self, waiting: Waiting, deadline: float | None, scope: Scope, receive: Receive, send: Send
-    ) -> None:
-        """The slow path: wait for a slot while watching for the client's disconnect."""
         acquire = asyncio.ensure_future(waiting.wait_async())
         # What the watch took: the first chunk as is, later ones coalesced into one buffer
         # (never a dict per chunk), so a single large message is never held twice.
@@ -423,7 +404,7 @@ class LoadSheddingMiddleware:
                     # The client is gone: leave the queue now, never run, send nothing.
                     acquire.cancel()
                     await asyncio.wait((acquire,))
-                    return
+                    return None
                 chunk = message.get("body", b"")
                 if not taken:
                     first_chunk = chunk
@@ -440,11 +421,10 @@ class LoadSheddingMiddleware:
                 watch = budget > 0 or not more_body  # a complete body: only a disconnect can follow
             try:
                 permit = await acquire
-                permit.deadline = deadline  # a grant after a wait does not carry it
             except Overloaded as refusal:
                 status, headers, payload = self._gate.refusal(refusal)
                 await _send_response(send, status, headers, payload)
-                return
+                return None
             run = True
         finally:
             if not run:
@@ -468,13 +448,7 @@ class LoadSheddingMiddleware:
             )
             del body, first_chunk
             receive = _replay(first, pending, receive)
-        try:
-            await self._call(permit, deadline, scope, receive, send)
-        finally:
-            if pending is not None and not pending.done():
-                # The app never asked for the message we were waiting for; nobody needs it now.
-                pending.cancel()
-                pending.add_done_callback(_discard_message)
+        return permit, receive, pending
 
     # -- responses ------------------------------------------------------------------------------
 
