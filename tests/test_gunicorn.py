@@ -318,18 +318,21 @@ def test_a_connection_that_dies_in_the_pool_gives_its_place_back(
     with gunicorn(tmp_path, threads=1, env=env) as server:
         busy = server.occupy(1.0)  # the only thread
         # Admitted (or queued) by the worker from its head, then rejected by gunicorn's parser.
-        dead = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        dead.sendall(get("/echo", "this line is not a header"))
-        assert wait_for(lambda: _places(server) == 2, timeout=5)
-        # Admitted (or queued), then its client resets the connection.
-        reset = socket.create_connection(("127.0.0.1", server.port), timeout=10)
-        reset.sendall(get("/echo"))
-        assert wait_for(lambda: _places(server) == 3, timeout=5)
-        reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-        reset.close()
-        assert wait_for(lambda: _places(server) == 0, timeout=5), server.figures()
-        assert busy[0].status == 200
-        dead.close()
+        with contextlib.closing(
+            socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        ) as dead:
+            dead.sendall(get("/echo", "this line is not a header"))
+            assert wait_for(lambda: _places(server) == 2, timeout=5)
+            # Admitted (or queued), then its client resets the connection.
+            reset = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+            reset.sendall(get("/echo"))
+            assert wait_for(lambda: _places(server) == 3, timeout=5)
+            reset.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            reset.close()
+            assert wait_for(lambda: _places(server) == 0, timeout=5), server.figures()
+            # The slot is free once the response is sent; the client thread records it after.
+            assert wait_for(lambda: bool(busy), timeout=5)
+            assert busy[0].status == 200
         assert request(server.port, get("/echo")).status == 200
         assert wait_for(lambda: _places(server) == 0, timeout=5)
 
