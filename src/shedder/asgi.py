@@ -235,7 +235,13 @@ class LoadSheddingMiddleware:
         self._responder = responder
         self._health_throttlers = settings.health_throttlers
         self._metrics_registry = metrics_registry
-        self._metrics_response = settings.metrics_response
+        # Imported only when asked for: prometheus_client is an optional extra, and a missing
+        # one must fail at start-up, not on the first scrape.
+        self._metrics_response: Callable[[str | None], HTTPResponse] | None = None
+        if metrics_path is not None:
+            from .prometheus import metrics_endpoint
+
+            self._metrics_response = metrics_endpoint(settings.health_throttlers, metrics_registry)
         # path -> builder of the endpoint's response; looked up once per request.
         self._endpoints: dict[str, Callable[[Scope], HTTPResponse]] = {}
         if metrics_path is not None:
@@ -476,9 +482,7 @@ class LoadSheddingMiddleware:
         if self._metrics_response is None:  # pragma: no cover - metrics_path implies it
             raise RuntimeError("metrics_response was not loaded")
         accept = _header(scope, b"accept")
-        return self._metrics_response(
-            self._metrics_registry, None if accept is None else accept.decode("latin-1")
-        )
+        return self._metrics_response(None if accept is None else accept.decode("latin-1"))
 
     # -- websockets -----------------------------------------------------------------------------
 

@@ -164,6 +164,17 @@ class LoadSheddingMiddleware:
         self.get_response = get_response
         self.throttler = checked.throttler
         self._settings = checked
+        # Imported only when asked for (prometheus_client is an optional extra).
+        self._metrics_response: Callable[[str | None], HTTPResponse] | None = None
+        if checked.metrics_path is not None:
+            from .prometheus import metrics_endpoint
+
+            try:
+                self._metrics_response = metrics_endpoint(
+                    checked.health_throttlers, checked.metrics_registry
+                )
+            except TypeError as exc:
+                raise ImproperlyConfigured(f"settings.{SETTING}: {exc}") from exc
         respond: ShedResponder = checked.responder or self._default_responder
         shed_log = ShedLog(self.throttler.name)
 
@@ -250,10 +261,10 @@ class LoadSheddingMiddleware:
         return self._live
 
     def _metrics(self, request: HttpRequest) -> HTTPResponse:
-        build = self._settings.metrics_response
+        build = self._metrics_response
         if build is None:  # pragma: no cover - metrics_path implies it
             raise RuntimeError("metrics_response was not loaded")
-        return build(self._settings.metrics_registry, request.headers.get("accept"))
+        return build(request.headers.get("accept"))
 
 
 _PASS: Any = object()  # _before's answer for an exempt path

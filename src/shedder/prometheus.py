@@ -20,6 +20,7 @@ Two implementations behind the same metric names:
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import re
 import threading
 import weakref
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 from ._core.errors import ShedReason
@@ -40,6 +41,7 @@ __all__ = [
     "ensure_instrumented",
     "instrument",
     "instrument_queue",
+    "metrics_endpoint",
     "metrics_response",
 ]
 
@@ -130,6 +132,28 @@ def metrics_response(registry: Any = None, accept: str | None = None) -> HTTPRes
         (("content-type", content_type), ("content-length", str(len(body)))),
         body,
     )
+
+
+def metrics_endpoint(
+    throttlers: Sequence[Throttler], registry: Any = None
+) -> Callable[[str | None], HTTPResponse]:
+    """What a middleware's ``metrics_path`` serves: metrics by default.
+
+    Instruments every throttler in ``throttlers`` that is not yet (see
+    :func:`ensure_instrumented`), and returns the builder of the ``/metrics`` response for a
+    request's ``Accept`` header. ``TypeError`` for a ``registry`` that is not one.
+    """
+    # Duck-typed like prometheus_client itself: a registry registers and collects.
+    if registry is not None and not all(
+        callable(getattr(registry, verb, None)) for verb in ("register", "collect")
+    ):
+        raise TypeError(
+            "metrics_registry must be a prometheus_client.CollectorRegistry or None,"
+            f" got {type(registry).__name__}"
+        )
+    for throttler in throttlers:
+        ensure_instrumented(throttler, registry=registry)
+    return functools.partial(metrics_response, registry)
 
 
 # -- collector mode ----------------------------------------------------------------------------

@@ -166,7 +166,13 @@ class LoadSheddingMiddleware:
         )
         self._health_throttlers = settings.health_throttlers
         self._metrics_registry = metrics_registry
-        self._metrics_response = settings.metrics_response
+        # Imported only when asked for: prometheus_client is an optional extra, and a missing
+        # one must fail at start-up, not on the first scrape.
+        self._metrics_response: Callable[[str | None], HTTPResponse] | None = None
+        if metrics_path is not None:
+            from .prometheus import metrics_endpoint
+
+            self._metrics_response = metrics_endpoint(settings.health_throttlers, metrics_registry)
         self._not_allowed = method_not_allowed_response(_READ_METHODS)
         self._orphans = _Reclaimer()
         self._live = live_response()
@@ -342,7 +348,7 @@ class LoadSheddingMiddleware:
     def _metrics(self, environ: WSGIEnvironment) -> HTTPResponse:
         if self._metrics_response is None:  # pragma: no cover - metrics_path implies it
             raise RuntimeError("metrics_response was not loaded")
-        return self._metrics_response(self._metrics_registry, environ.get("HTTP_ACCEPT"))
+        return self._metrics_response(environ.get("HTTP_ACCEPT"))
 
 
 def _too_few_threads(throttler: Throttler, threads: int, server: str) -> str | None:

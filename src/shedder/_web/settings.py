@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,11 +14,10 @@ from shedder._core.checks import (
     check_instance,
     check_sequence,
     check_str,
-    typed,
 )
 from shedder._core.throttler import Throttler, ThrottlerOptions
 
-from .http import HTTPResponse, ShedResponder, normalize_path_rules
+from .http import ShedResponder, normalize_path_rules
 from .instance import InstanceTable, instance_table
 
 __all__ = ["AdapterSettings", "adapter_settings", "check_keywords", "check_status_code"]
@@ -72,7 +71,6 @@ class AdapterSettings:
     responder: ShedResponder | None
     health_throttlers: tuple[Throttler, ...]  # the adapter's own first
     metrics_registry: Any
-    metrics_response: Callable[[Any, str | None], HTTPResponse] | None
     table: InstanceTable | None
 
 
@@ -122,27 +120,6 @@ def adapter_settings(
         check_instance("health_throttlers", extra, Throttler, "a sequence of shedder.Throttler")
     if responder is not None:
         check_callable("responder", responder)
-    metrics: Callable[[Any, str | None], HTTPResponse] | None = None
-    if metrics_path is not None:
-        # Import now so a missing extra fails at start-up, not on the first scrape.
-        from shedder.prometheus import ensure_instrumented
-        from shedder.prometheus import metrics_response as metrics
-
-        # Duck-typed like prometheus_client itself: a registry registers and collects.
-        if metrics_registry is not None and not all(
-            callable(getattr(metrics_registry, verb, None)) for verb in ("register", "collect")
-        ):
-            raise TypeError(
-                "metrics_registry must be a prometheus_client.CollectorRegistry or None,"
-                f" got {typed(metrics_registry)}"
-            )
-
-        # Metrics by default: the endpoint serves every throttler this adapter reports. With
-        # Starlette's add_middleware the adapter is built on the first request, so at the
-        # latest the first scrape finds them instrumented.
-        for reported in (throttler, *health_throttlers):
-            ensure_instrumented(reported, registry=metrics_registry)
-
     exact, prefixes = normalize_path_rules(exempt)
     return AdapterSettings(
         throttler=throttler,
@@ -155,6 +132,5 @@ def adapter_settings(
         responder=responder,
         health_throttlers=(throttler, *health_throttlers),
         metrics_registry=metrics_registry,
-        metrics_response=metrics,
         table=instance_table(instance_dir),
     )
