@@ -111,6 +111,22 @@ _HELP = {
 }
 
 
+# The metrics, one row each: (key, kind, labels). Both implementations are built from it, so
+# the exposition is the same whichever mode a process uses.
+_THROTTLER = ("throttler",)
+_SPECS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("in_flight", "gauge", _THROTTLER),
+    ("queued", "gauge", _THROTTLER),
+    ("concurrency_limit", "gauge", _THROTTLER),
+    ("queue_limit", "gauge", _THROTTLER),
+    ("admitted", "counter", tuple(_ADMITTED_LABELS)),
+    ("cancelled", "counter", _THROTTLER),
+    ("shed", "counter", tuple(_SHED_LABELS)),
+    ("queue_wait_seconds", "histogram", _THROTTLER),
+    ("slot_hold_seconds", "histogram", _THROTTLER),
+)
+
+
 def metrics_response(registry: Any = None, accept: str | None = None) -> HTTPResponse:
     """The text exposition of ``registry`` as a complete ``/metrics`` response.
 
@@ -194,7 +210,12 @@ class _Histogram:
         return cumulative, total
 
 
-class _CollectorListener(ThrottlerListener):
+class _Listener(ThrottlerListener):
+    def publish(self, throttler: Throttler) -> None:
+        """Write the state a new process must start from (nothing, unless overridden)."""
+
+
+class _CollectorListener(_Listener):
     """Feeds the histograms; everything else is read from ``stats()`` at scrape time."""
 
     def __init__(self, wait: _Histogram, hold: _Histogram) -> None:
@@ -221,33 +242,36 @@ class _Entry:
 class _ThrottlerCollector(Collector):
     """Every instrumented throttler of one (registry, prefix), read at scrape time."""
 
-    def __init__(self, prefix: str, buckets: tuple[float, ...]) -> None:
+    multiprocess = False
+
+    def __init__(self, prefix: str, buckets: tuple[float, ...], registry: Any) -> None:
         self.prefix = prefix
         self.buckets = buckets
         self.entries: dict[str, _Entry] = {}
         self.lock = threading.Lock()
+        registry.register(self)
+
+    def holder(self, name: str) -> Throttler | None:
+        """The live throttler instrumented under ``name``, if any."""
+        with self.lock:
+            entry = self.entries.get(name)
+        return None if entry is None else entry.throttler()
+
+    def attach(self, throttler: Throttler) -> _Listener:
+        entry = _Entry(throttler, self.buckets)
+        with self.lock:
+            self.entries[throttler.name] = entry
+        return _CollectorListener(entry.wait, entry.hold)
+
+    def forget(self, name: str, listener: ThrottlerListener) -> None:
+        with self.lock:
+            del self.entries[name]
 
     def _families(self) -> dict[str, Any]:
         p = self.prefix + _SUBSYSTEM
-        label = ["throttler"]
         return {
-            "in_flight": GaugeMetricFamily(f"{p}in_flight", _HELP["in_flight"], labels=label),
-            "queued": GaugeMetricFamily(f"{p}queued", _HELP["queued"], labels=label),
-            "concurrency_limit": GaugeMetricFamily(
-                f"{p}concurrency_limit", _HELP["concurrency_limit"], labels=label
-            ),
-            "queue_limit": GaugeMetricFamily(f"{p}queue_limit", _HELP["queue_limit"], labels=label),
-            "admitted": CounterMetricFamily(
-                f"{p}admitted", _HELP["admitted"], labels=_ADMITTED_LABELS
-            ),
-            "cancelled": CounterMetricFamily(f"{p}cancelled", _HELP["cancelled"], labels=label),
-            "shed": CounterMetricFamily(f"{p}shed", _HELP["shed"], labels=_SHED_LABELS),
-            "queue_wait_seconds": HistogramMetricFamily(
-                f"{p}queue_wait_seconds", _HELP["queue_wait_seconds"], labels=label
-            ),
-            "slot_hold_seconds": HistogramMetricFamily(
-                f"{p}slot_hold_seconds", _HELP["slot_hold_seconds"], labels=label
-            ),
+            key: _FAMILY[kind](f"{p}{key}", _HELP[key], labels=list(labels))
+            for key, kind, labels in _SPECS
         }
 
     def describe(self) -> Iterator[Metric]:
@@ -283,87 +307,90 @@ class _ThrottlerCollector(Collector):
         yield from families.values()
 
 
+_FAMILY: dict[str, Any] = {
+    "gauge": GaugeMetricFamily,
+    "counter": CounterMetricFamily,
+    "histogram": HistogramMetricFamily,
+}
+
+
 # -- multiprocess mode -------------------------------------------------------------------------
 
 
 class _MetricObjects:
     """prometheus_client metric objects for one (registry, prefix), shared by its throttlers."""
 
+    multiprocess = True
+
     def __init__(self, prefix: str, buckets: tuple[float, ...], registry: Any) -> None:
         self.prefix = prefix
         self.buckets = buckets
         self.names: dict[str, weakref.ref[Throttler]] = {}
         self.lock = threading.Lock()
-        p, label = prefix + _SUBSYSTEM, ["throttler"]
-        Gauge, Counter = prometheus_client.Gauge, prometheus_client.Counter
+        p = prefix + _SUBSYSTEM
         # livesum for all four gauges: each worker has its own throttler, so the service's
         # in-flight and queued are the sums over live workers, and so are its slots and queue
         # places; summing the limits too keeps in_flight / concurrency_limit a utilisation in
         # [0, 1] across workers, as in one process ("max" would compare a service-wide
         # in-flight with one worker's limit; "liveall" adds a pid label the ratio cannot join).
-        self.in_flight = Gauge(
-            f"{p}in_flight",
-            _HELP["in_flight"],
-            label,
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.queued = Gauge(
-            f"{p}queued", _HELP["queued"], label, registry=registry, multiprocess_mode="livesum"
-        )
-        self.concurrency_limit = Gauge(
-            f"{p}concurrency_limit",
-            _HELP["concurrency_limit"],
-            label,
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.queue_limit = Gauge(
-            f"{p}queue_limit",
-            _HELP["queue_limit"],
-            label,
-            registry=registry,
-            multiprocess_mode="livesum",
-        )
-        self.admitted = Counter(
-            f"{p}admitted", _HELP["admitted"], _ADMITTED_LABELS, registry=registry
-        )
-        self.cancelled = Counter(f"{p}cancelled", _HELP["cancelled"], label, registry=registry)
-        self.shed = Counter(f"{p}shed", _HELP["shed"], _SHED_LABELS, registry=registry)
-        self.wait = prometheus_client.Histogram(
-            f"{p}queue_wait_seconds",
-            _HELP["queue_wait_seconds"],
-            label,
-            registry=registry,
-            buckets=buckets,
-        )
-        self.hold = prometheus_client.Histogram(
-            f"{p}slot_hold_seconds",
-            _HELP["slot_hold_seconds"],
-            label,
-            registry=registry,
-            buckets=buckets,
-        )
+        options: dict[str, dict[str, Any]] = {
+            "gauge": {"multiprocess_mode": "livesum"},
+            "counter": {},
+            "histogram": {"buckets": buckets},
+        }
+        kinds = {
+            "gauge": prometheus_client.Gauge,
+            "counter": prometheus_client.Counter,
+            "histogram": prometheus_client.Histogram,
+        }
+        self.metrics: dict[str, Any] = {
+            key: kinds[kind](
+                f"{p}{key}", _HELP[key], list(labels), registry=registry, **options[kind]
+            )
+            for key, kind, labels in _SPECS
+        }
+
+    def holder(self, name: str) -> Throttler | None:
+        """The live throttler instrumented under ``name``, if any."""
+        ref = self.names.get(name)
+        return None if ref is None else ref()
+
+    def attach(self, throttler: Throttler) -> _Listener:
+        self.names[throttler.name] = weakref.ref(throttler)
+        return _ObjectsListener(self.metrics, throttler)
+
+    def forget(self, name: str, listener: ThrottlerListener) -> None:
+        del self.names[name]
+        # prometheus_client cannot remove series in multiprocess mode: zero this process's
+        # gauges so that livesum no longer counts them (its counters stay).
+        if isinstance(listener, _ObjectsListener):
+            for gauge in (
+                listener.in_flight,
+                listener.queued,
+                listener.concurrency_limit,
+                listener.queue_limit,
+            ):
+                gauge.set(0)
 
 
-class _ObjectsListener(ThrottlerListener):
+class _ObjectsListener(_Listener):
     """Keeps one throttler's metric objects up to date, event by event."""
 
-    def __init__(self, objects: _MetricObjects, throttler: Throttler) -> None:
+    def __init__(self, metrics: dict[str, Any], throttler: Throttler) -> None:
         name = throttler.name
-        self.in_flight = objects.in_flight.labels(name)
-        self.queued = objects.queued.labels(name)
-        self.concurrency_limit = objects.concurrency_limit.labels(name)
-        self.queue_limit = objects.queue_limit.labels(name)
+        self.in_flight = metrics["in_flight"].labels(name)
+        self.queued = metrics["queued"].labels(name)
+        self.concurrency_limit = metrics["concurrency_limit"].labels(name)
+        self.queue_limit = metrics["queue_limit"].labels(name)
         # Children bound once per class (and reason): events only look them up in a dict.
         classes = throttler.priorities
-        self.admitted = {p: objects.admitted.labels(name, p) for p in classes}
-        self.cancelled = objects.cancelled.labels(name)
+        self.admitted = {p: metrics["admitted"].labels(name, p) for p in classes}
+        self.cancelled = metrics["cancelled"].labels(name)
         self.shed: dict[tuple[str, ShedReason], Any] = {
-            (p, r): objects.shed.labels(name, p, r) for p in classes for r in SHED_REASONS
+            (p, r): metrics["shed"].labels(name, p, r) for p in classes for r in SHED_REASONS
         }
-        self.wait = objects.wait.labels(name)
-        self.hold = objects.hold.labels(name)
+        self.wait = metrics["queue_wait_seconds"].labels(name)
+        self.hold = metrics["slot_hold_seconds"].labels(name)
         self.pid = 0
 
     def publish(self, throttler: Throttler) -> None:
@@ -450,21 +477,7 @@ class ThrottlerMetrics:
             if listener is None:
                 return
             self.throttler.remove_listener(listener)
-            name = self.throttler.name
-            families = self._families
-            if isinstance(families, _ThrottlerCollector):
-                with families.lock:
-                    del families.entries[name]
-            else:
-                del families.names[name]
-            if isinstance(listener, _ObjectsListener):
-                for gauge in (
-                    listener.in_flight,
-                    listener.queued,
-                    listener.concurrency_limit,
-                    listener.queue_limit,
-                ):
-                    gauge.set(0)
+            self._families.forget(self.throttler.name, listener)
 
     def __repr__(self) -> str:
         state = "attached" if self.attached else "detached"
@@ -531,15 +544,9 @@ def instrument(
         by_prefix = _families.setdefault(registry, {})
         families = by_prefix.get(prefix)
         if families is None:
-            families = (
-                _MetricObjects(prefix, bounds, registry)
-                if multiprocess
-                else _ThrottlerCollector(prefix, bounds)
-            )
-            if isinstance(families, _ThrottlerCollector):
-                registry.register(families)
-            by_prefix[prefix] = families
-        elif isinstance(families, _MetricObjects) is not multiprocess:
+            kind = _MetricObjects if multiprocess else _ThrottlerCollector
+            families = by_prefix[prefix] = kind(prefix, bounds, registry)
+        elif families.multiprocess is not multiprocess:
             mode = "multiprocess" if multiprocess else "collector"
             raise ValueError(
                 f"multiprocess={multiprocess} ({mode} mode) differs from the throttlers already"
@@ -550,25 +557,13 @@ def instrument(
                 f"buckets {bounds} differ from {families.buckets}, used by the throttlers"
                 f" already instrumented in this registry with prefix {prefix!r}"
             )
-        listener: ThrottlerListener
-        if isinstance(families, _ThrottlerCollector):
-            with families.lock:
-                existing = families.entries.get(name)
-                if existing is not None and existing.throttler() is not None:
-                    raise _duplicate(name, prefix, existing.throttler() is throttler)
-                entry = _Entry(throttler, bounds)
-                families.entries[name] = entry
-            listener = _CollectorListener(entry.wait, entry.hold)
-        else:
-            ref = families.names.get(name)
-            if ref is not None and ref() is not None:
-                raise _duplicate(name, prefix, ref() is throttler)
-            families.names[name] = weakref.ref(throttler)
-            listener = _ObjectsListener(families, throttler)
+        holder = families.holder(name)
+        if holder is not None:
+            raise _duplicate(name, prefix, holder is throttler)
+        listener = families.attach(throttler)
         throttler.add_listener(listener)
-        if isinstance(listener, _ObjectsListener):
-            # After add_listener, so later events adjust this snapshot rather than miss it.
-            listener.publish(throttler)
+        # After add_listener, so later events adjust this snapshot rather than miss it.
+        listener.publish(throttler)
     return ThrottlerMetrics(throttler, registry, prefix, multiprocess, families, listener)
 
 
@@ -588,13 +583,7 @@ def ensure_instrumented(throttler: Throttler, *, registry: Any = None) -> bool:
     with _families_lock:
         families = _families.get(registry, {}).get("shedder_")
         if families is not None:
-            if isinstance(families, _ThrottlerCollector):
-                with families.lock:
-                    entry = families.entries.get(throttler.name)
-                holder = None if entry is None else entry.throttler()
-            else:
-                ref = families.names.get(throttler.name)
-                holder = None if ref is None else ref()
+            holder = families.holder(throttler.name)
             if holder is throttler:
                 return True
             if holder is not None:
