@@ -137,8 +137,9 @@ class LoadSheddingMiddleware:
             ``None`` disables it. Matched against ``scope["path"]``.
         exempt: paths never throttled: exact paths, or prefixes ending in ``/`` or ``*``.
         status_code: 503 (default) or 429 for refusals.
-        responder: builds the refusal response from the :class:`~shedder.Overloaded`
-            instead of the default JSON body.
+        responder: builds the refusal response (a :class:`shedder.HTTPResponse`) from the
+            :class:`~shedder.Overloaded` instead of the default JSON body; one that takes a
+            ``request`` keyword also gets the framework-free :class:`shedder.Request`.
         health_throttlers: more throttlers for the health endpoint to report (for example
             the ones guarding individual routes with :func:`shedder.starlette.shed_load`).
         metrics_path: where to serve the Prometheus exposition (needs the ``prometheus``
@@ -308,7 +309,8 @@ class LoadSheddingMiddleware:
         pending: asyncio.Future[Message] | None = None
         if type(decision) is not Permit:  # exact types: cheaper than isinstance, never subclassed
             if type(decision) is Overloaded:
-                code, headers, body = self._gate.refusal(decision)
+                view = self._request_view(scope) if self._gate.responder_wants_request else None
+                code, headers, body = self._gate.refusal(decision, view)
                 await send({"type": "http.response.start", "status": code, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
                 return
@@ -364,18 +366,24 @@ class LoadSheddingMiddleware:
         if self._gate.classify is not None:
 
             def request() -> Request:
-                return Request(
-                    scope.get("method", "GET"),
-                    scope["path"],
-                    host,
-                    lambda: {
-                        k.decode("latin-1").lower(): v.decode("latin-1")
-                        for k, v in scope.get("headers", ())
-                    },
-                    scope,
-                )
+                return self._request_view(scope)
 
         return self._gate.admit(found.get, host, request, "async")
+
+    @staticmethod
+    def _request_view(scope: Scope) -> Request:
+        """The framework-free view of the request, for ``classify`` and responders."""
+        client = scope.get("client")
+        return Request(
+            scope.get("method", "GET"),
+            scope["path"],
+            client[0] if client else None,
+            lambda: {
+                k.decode("latin-1").lower(): v.decode("latin-1")
+                for k, v in scope.get("headers", ())
+            },
+            scope,
+        )
 
     async def _wait(
         self, waiting: Waiting, scope: Scope, receive: Receive, send: Send
@@ -428,7 +436,8 @@ class LoadSheddingMiddleware:
             try:
                 permit = await acquire
             except Overloaded as refusal:
-                status, headers, payload = self._gate.refusal(refusal)
+                view = self._request_view(scope) if self._gate.responder_wants_request else None
+                status, headers, payload = self._gate.refusal(refusal, view)
                 await _send_response(send, status, headers, payload)
                 return None
             run = True

@@ -58,8 +58,9 @@ class LoadSheddingMiddleware:
             ``None`` disables it. Matched against ``PATH_INFO`` (the path inside the app).
         exempt: paths never throttled: exact paths, or prefixes ending in ``/`` or ``*``.
         status_code: 503 (default) or 429 for refusals.
-        responder: builds the refusal response from the :class:`~shedder.Overloaded`
-            instead of the default JSON body.
+        responder: builds the refusal response (a :class:`shedder.HTTPResponse`) from the
+            :class:`~shedder.Overloaded` instead of the default JSON body; one that takes a
+            ``request`` keyword also gets the framework-free :class:`shedder.Request`.
         health_throttlers: more throttlers for the health endpoint to report (for example
             the ones guarding individual views).
         metrics_path: where to serve the Prometheus exposition (needs the ``prometheus``
@@ -220,7 +221,8 @@ class LoadSheddingMiddleware:
             except Overloaded as refusal:
                 decision = refusal
         if isinstance(decision, Overloaded):
-            status, headers, body = self._gate.refusal(decision)
+            view = self._request_view(environ) if self._gate.responder_wants_request else None
+            status, headers, body = self._gate.refusal(decision, view)
             start_response(status, list(headers))
             return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
         permit: Permit = decision
@@ -286,15 +288,20 @@ class LoadSheddingMiddleware:
         if self._classify is not None:
 
             def request() -> Request:
-                return Request(
-                    environ.get("REQUEST_METHOD", "GET"),
-                    environ.get("PATH_INFO") or "/",
-                    environ.get("REMOTE_ADDR"),
-                    lambda: _headers_of(environ),
-                    environ,
-                )
+                return self._request_view(environ)
 
         return self._gate.admit(get, environ.get("REMOTE_ADDR"), request, "thread")
+
+    @staticmethod
+    def _request_view(environ: WSGIEnvironment) -> Request:
+        """The framework-free view of the request, for ``classify`` and responders."""
+        return Request(
+            environ.get("REQUEST_METHOD", "GET"),
+            environ.get("PATH_INFO") or "/",
+            environ.get("REMOTE_ADDR"),
+            lambda: _headers_of(environ),
+            environ,
+        )
 
     def _call_tracked(
         self,

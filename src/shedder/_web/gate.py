@@ -8,6 +8,7 @@ per ``(reason, retry_after, priority)`` by :meth:`Gate.refusal`.
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import time
@@ -142,6 +143,8 @@ class Gate(Generic[E]):
         self._encode = encode
         self._status_code = check_choice("status_code", status_code, (503, 429))
         self._responder = None if responder is None else check_callable("responder", responder)
+        self.responder_wants_request = _takes_request(self._responder)
+        """True when the responder takes ``request=``: adapters then pass the request view."""
         if classify is not None:
             check_callable("classify", classify)
         self.classify = classify
@@ -257,10 +260,11 @@ class Gate(Generic[E]):
             decision.deadline = on_clock  # the request's, not its latest start (the margin)
         return decision, deadline
 
-    def refusal(self, refusal: Overloaded) -> E:
+    def refusal(self, refusal: Overloaded, request: Request | None = None) -> E:
         """The encoded refusal response: the responder's, or the contract's (cached).
 
-        Also logs the refusal (rate-limited: see :class:`ShedLog`).
+        Also logs the refusal (rate-limited: see :class:`ShedLog`). ``request`` reaches a
+        responder that takes ``request=`` (see :attr:`responder_wants_request`).
         """
         log = self.shed_log
         if monotonic() < log._next:
@@ -268,6 +272,8 @@ class Gate(Generic[E]):
         else:
             log(refusal)
         if self._responder is not None:
+            if self.responder_wants_request:
+                return self._encode(self._responder(refusal, request=request))  # type: ignore[call-arg]
             return self._encode(self._responder(refusal))
         # The throttler shares one refusal per kind: most lookups hit by identity.
         encoded = self._by_refusal.get(refusal)
@@ -291,6 +297,16 @@ class Gate(Generic[E]):
                 priority,
                 ", ".join(self.throttler.priorities),
             )
+
+
+def _takes_request(responder: Callable[..., Any] | None) -> bool:
+    if responder is None:
+        return False
+    try:
+        parameters = inspect.signature(responder).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: the one-argument form
+        return False
+    return "request" in parameters
 
 
 def _trusted_networks(
