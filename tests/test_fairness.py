@@ -160,7 +160,8 @@ def test_flows_that_leave_the_queue_any_way_leave_no_entry() -> None:
         timed_out.wait()  # queue_timeout=0: times out at once
     assert flow_sizes(throttler) == [0, 0, 0]
     evicted = queue(throttler, "sheddable", flow="evicted")
-    served = queue(throttler, flow="served")
+    served = throttler.admit(flow="served", timeout=5)  # it waits for the holder's slot
+    assert isinstance(served, Waiting)
     queue(throttler, "critical", flow="evictor").cancel()  # the room is full: evicts
     assert outcome(evicted) == "queue_full"
     assert flow_sizes(throttler) == [0, 1, 0]

@@ -841,7 +841,17 @@ class Throttler:
         rank = waiter.rank
         with self._lock:
             outcome = waiter.outcome
-            if outcome == _GRANTED:
+            if outcome == _GRANTED and waiter.granted_at > waiting._expires:
+                # Granted only after its wait had ended, which happens when nobody was waiting
+                # on it yet (a server thread picks the request up late): it is past its deadline
+                # or queue_timeout, so refuse it as such and pass the slot on.
+                outcome = None
+                self._in_flight -= 1
+                self._fill_slots_locked()
+                reason = waiting._reason
+                self._shed[rank][reason] += 1
+                refusal = Overloaded(reason, self._retry_after_locked(), self._priorities[rank])
+            elif outcome == _GRANTED:
                 self._admitted[rank] += 1
                 permit = Permit(self, now, waited, self._priorities[rank], waiting._deadline)
             elif outcome is None:
@@ -912,8 +922,10 @@ class Throttler:
     def _fill_slots_locked(self) -> None:
         """Hand free slots to waiters: highest class first, flows in turn, per the discipline."""
         queue = self._queue
+        now = monotonic()
         while queue and self._in_flight < self._max_concurrency:
             waiter: Any = queue.pop_next(self._discipline.newest_first)
+            waiter.granted_at = now
             if waiter.wake(_GRANTED):
                 self._in_flight += 1
 

@@ -26,7 +26,7 @@ _Outcome = (
 class _ThreadWaiter:
     """A waiting thread: blocks on a lock that the deciding thread releases."""
 
-    __slots__ = ("flow", "lock", "outcome", "rank", "since")
+    __slots__ = ("flow", "granted_at", "lock", "outcome", "rank", "since")
 
     def __init__(self) -> None:
         self.outcome: _Outcome = None
@@ -34,6 +34,7 @@ class _ThreadWaiter:
         self.rank = 0
         self.flow: Hashable = None
         self.since = 0.0
+        self.granted_at = 0.0  # time.monotonic() of a grant (the throttler's)
         self.lock = threading.Lock()
         self.lock.acquire()
 
@@ -55,13 +56,14 @@ class _ThreadWaiter:
 class _AsyncWaiter:
     """A waiting task: awaits a future of its own loop, resolved from whichever thread decides."""
 
-    __slots__ = ("flow", "future", "loop", "outcome", "rank", "since", "thread_id")
+    __slots__ = ("flow", "future", "granted_at", "loop", "outcome", "rank", "since", "thread_id")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.outcome: _Outcome = None
         self.rank = 0
         self.flow: Hashable = None
         self.since = 0.0
+        self.granted_at = 0.0  # time.monotonic() of a grant (the throttler's)
         self.loop = loop
         self.future: asyncio.Future[None] = loop.create_future()
         self.thread_id = threading.get_ident()
