@@ -145,7 +145,9 @@ def use_throttler(throttler: Throttler) -> None:
             waiting = throttler.admit(waiter="async")
             if not isinstance(waiting, Overloaded) and hasattr(waiting, "wait_async"):
                 held.pop().release()
-                (await waiting.wait_async()).release()
+                # With queue_timeout=0 the grant comes after the wait ended: refused, passed on.
+                with contextlib.suppress(Overloaded):
+                    (await waiting.wait_async()).release()
         for permit in held:
             permit.release()
 
@@ -155,7 +157,8 @@ def use_throttler(throttler: Throttler) -> None:
         waiting = throttler.admit(waiter="thread")
         if not isinstance(waiting, Overloaded) and hasattr(waiting, "wait"):
             held.pop().release()
-            waiting.wait().release()
+            with contextlib.suppress(Overloaded):
+                waiting.wait().release()
     for permit in held:
         permit.release()
     refused = throttler.admit(deadline=-math.inf)

@@ -9,33 +9,23 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import os
-from collections.abc import Awaitable, Callable, Iterable, MutableMapping, Sequence
+from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from ._core.checks import check_bool
 from ._core.errors import Overloaded
 from ._core.throttler import Permit, Throttler, ThrottlerOptions, Waiting
 from ._core.wire import _DEADLINE
-from ._web.deadlines import Deadlines
 from ._web.gate import (
-    DEFAULT_DEADLINES,
-    Classifier,
-    Gate,
-    OutcomeOf,
     Request,
-    default_outcome,
 )
 from ._web.http import (
-    DEFAULT_HEALTH_PATH,
-    DEFAULT_LIVE_PATH,
     HTTPResponse,
-    ShedResponder,
     health_response,
     live_response,
     method_not_allowed_response,
 )
-from ._web.settings import adapter_settings
+from ._web.settings import MiddlewareOptions, middleware_settings
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
@@ -195,36 +185,12 @@ class LoadSheddingMiddleware:
         app: ASGIApp,
         throttler: Throttler | None = None,
         *,
-        health_path: str | None = DEFAULT_HEALTH_PATH,
-        exempt: Iterable[str] = (),
-        status_code: int = 503,
-        responder: ShedResponder | None = None,
-        health_throttlers: Sequence[Throttler] = (),
-        metrics_path: str | None = None,
-        metrics_registry: Any = None,
         limit_websockets: bool = False,
-        live_path: str | None = DEFAULT_LIVE_PATH,
-        instance_dir: str | os.PathLike[str] | None = None,
-        classify: Classifier | None = None,
-        priority_header: str | None = None,
-        trusted_peers: Iterable[str] = (),
-        deadlines: Deadlines | None = DEFAULT_DEADLINES,
-        outcome: OutcomeOf = default_outcome,
-        **throttler_options: Unpack[ThrottlerOptions],
+        **options: Unpack[MiddlewareOptions],
     ) -> None:
-        settings = adapter_settings(
-            throttler,
-            throttler_options,
-            health_path=health_path,
-            exempt=exempt,
-            status_code=status_code,
-            responder=responder,
-            health_throttlers=health_throttlers,
-            metrics_path=metrics_path,
-            metrics_registry=metrics_registry,
-            live_path=live_path,
-            instance_dir=instance_dir,
-        )
+        settings = middleware_settings(throttler, options)
+        health_path, metrics_path = settings.health_path, settings.metrics_path
+        live_path, metrics_registry = settings.live_path, settings.metrics_registry
         self.app = app
         self.throttler = settings.throttler
         self.health_path = health_path
@@ -232,8 +198,6 @@ class LoadSheddingMiddleware:
         self.live_path = live_path
         self.limit_websockets = check_bool("limit_websockets", limit_websockets)
         self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
-        self._status_code = status_code
-        self._responder = responder
         self._health_throttlers = settings.health_throttlers
         self._metrics_registry = metrics_registry
         # Imported only when asked for: prometheus_client is an optional extra, and a missing
@@ -255,21 +219,11 @@ class LoadSheddingMiddleware:
         self._table = settings.table
         not_allowed = method_not_allowed_response(_READ_METHODS)
         self._not_allowed = (not_allowed.status, _asgi_headers(not_allowed), not_allowed.body)
-        self._gate = Gate(
-            self.throttler,
-            _encode,
-            status_code=status_code,
-            responder=responder,
-            classify=classify,
-            priority_header=priority_header,
-            trusted_peers=trusted_peers,
-            deadlines=deadlines,
-            outcome=outcome,
-        )
-        self._classify = classify
+        self._gate = settings.gate(_encode)
+        self._classify = self._gate.classify
         self._wanted = {name.encode("latin-1"): name for name in self._gate.header_names}
         self._throttler_admit = self.throttler.admit
-        self._outcome = outcome
+        self._outcome = self._gate.outcome
 
     # -- dispatch -------------------------------------------------------------------------------
 

@@ -7,34 +7,25 @@
 from __future__ import annotations
 
 import logging
-import os
 import queue
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
 from ._core.errors import Overloaded
-from ._core.throttler import Outcome, Permit, Throttler, ThrottlerOptions, Waiting
+from ._core.throttler import Outcome, Permit, Throttler, Waiting
 from ._core.wire import _DEADLINE
-from ._web.deadlines import Deadlines
 from ._web.gate import (
-    DEFAULT_DEADLINES,
-    Classifier,
-    Gate,
-    OutcomeOf,
     Request,
     default_outcome,
 )
 from ._web.http import (
-    DEFAULT_HEALTH_PATH,
-    DEFAULT_LIVE_PATH,
     HTTPResponse,
-    ShedResponder,
     health_response,
     live_response,
     method_not_allowed_response,
     path_matches,
 )
-from ._web.settings import adapter_settings
+from ._web.settings import MiddlewareOptions, middleware_settings
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -106,64 +97,29 @@ class LoadSheddingMiddleware:
         self,
         app: WSGIApplication,
         throttler: Throttler | None = None,
-        *,
-        health_path: str | None = DEFAULT_HEALTH_PATH,
-        exempt: Iterable[str] = (),
-        status_code: int = 503,
-        responder: ShedResponder | None = None,
-        health_throttlers: Sequence[Throttler] = (),
-        metrics_path: str | None = None,
-        metrics_registry: Any = None,
-        live_path: str | None = DEFAULT_LIVE_PATH,
-        instance_dir: str | os.PathLike[str] | None = None,
-        classify: Classifier | None = None,
-        priority_header: str | None = None,
-        trusted_peers: Iterable[str] = (),
-        deadlines: Deadlines | None = DEFAULT_DEADLINES,
-        outcome: OutcomeOf = default_outcome,
-        **throttler_options: Unpack[ThrottlerOptions],
+        **options: Unpack[MiddlewareOptions],
     ) -> None:
-        settings = adapter_settings(
-            throttler,
-            throttler_options,
-            health_path=health_path,
-            exempt=exempt,
-            status_code=status_code,
-            responder=responder,
-            health_throttlers=health_throttlers,
-            metrics_path=metrics_path,
-            metrics_registry=metrics_registry,
-            live_path=live_path,
-            instance_dir=instance_dir,
-        )
+        settings = middleware_settings(throttler, options)
+        health_path, metrics_path = settings.health_path, settings.metrics_path
+        live_path, metrics_registry = settings.live_path, settings.metrics_registry
         self.app = app
         self.throttler = settings.throttler
         self.health_path = health_path
         self.metrics_path = metrics_path
         self.live_path = live_path
         self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
-        self._gate = Gate(
-            self.throttler,
-            _encode,
-            status_code=status_code,
-            responder=responder,
-            classify=classify,
-            priority_header=priority_header,
-            trusted_peers=trusted_peers,
-            deadlines=deadlines,
-            outcome=outcome,
-        )
-        self._classify = classify
+        self._gate = settings.gate(_encode)
+        self._classify = self._gate.classify
         # Header name -> its environ key, for the headers the gate reads.
         self._wanted = {
             name: "HTTP_" + name.upper().replace("-", "_") for name in self._gate.header_names
         }
         self._wanted_keys = tuple(self._wanted.values())
-        self._outcome = outcome
+        self._outcome = self._gate.outcome
         # Telling a limit algorithm how each request ended needs the response status, which
         # costs a start_response wrapper per request: only when someone listens.
         self._track_outcome = (
-            self.throttler.limit_algorithm is not None or outcome is not default_outcome
+            self.throttler.limit_algorithm is not None or self._outcome is not default_outcome
         )
         self._health_throttlers = settings.health_throttlers
         self._metrics_registry = metrics_registry

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import difflib
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from shedder._core.checks import (
     check_callable,
@@ -17,25 +17,72 @@ from shedder._core.checks import (
 )
 from shedder._core.throttler import Throttler, ThrottlerOptions
 
-from .http import ShedResponder, normalize_path_rules
+from .deadlines import Deadlines
+from .gate import DEFAULT_DEADLINES, Classifier, Gate, OutcomeOf, default_outcome
+from .http import (
+    DEFAULT_HEALTH_PATH,
+    DEFAULT_LIVE_PATH,
+    HTTPResponse,
+    ShedResponder,
+    normalize_path_rules,
+)
 from .instance import InstanceTable, instance_table
 
-__all__ = ["AdapterSettings", "adapter_settings", "check_keywords", "check_status_code"]
+__all__ = [
+    "AdapterSettings",
+    "MiddlewareOptions",
+    "adapter_settings",
+    "check_keywords",
+    "check_status_code",
+    "middleware_settings",
+]
 
+
+E = TypeVar("E")
+
+
+class MiddlewareOptions(ThrottlerOptions, total=False):
+    """The keyword arguments of both middlewares: a new throttler's, and their own.
+
+    One definition for ASGI and WSGI (and ``**options`` that Starlette's ``add_middleware``
+    type-checks); the defaults are in :data:`MIDDLEWARE_DEFAULTS`.
+    """
+
+    health_path: str | None
+    exempt: Iterable[str]
+    status_code: int
+    responder: ShedResponder | None
+    health_throttlers: Sequence[Throttler]
+    metrics_path: str | None
+    metrics_registry: Any
+    live_path: str | None
+    instance_dir: str | os.PathLike[str] | None
+    classify: Classifier | None
+    priority_header: str | None
+    trusted_peers: Iterable[str]
+    deadlines: Deadlines | None
+    outcome: OutcomeOf
+
+
+MIDDLEWARE_DEFAULTS: dict[str, Any] = {
+    "health_path": DEFAULT_HEALTH_PATH,
+    "exempt": (),
+    "status_code": 503,
+    "responder": None,
+    "health_throttlers": (),
+    "metrics_path": None,
+    "metrics_registry": None,
+    "live_path": DEFAULT_LIVE_PATH,
+    "instance_dir": None,
+    "classify": None,
+    "priority_header": None,
+    "trusted_peers": (),
+    "deadlines": DEFAULT_DEADLINES,
+    "outcome": default_outcome,
+}
+_GATE_KEYWORDS = ("classify", "priority_header", "trusted_peers", "deadlines", "outcome")
 _THROTTLER_KEYWORDS = frozenset(ThrottlerOptions.__annotations__)
-_ADAPTER_KEYWORDS = (
-    "throttler",
-    "health_path",
-    "exempt",
-    "status_code",
-    "responder",
-    "health_throttlers",
-    "metrics_path",
-    "metrics_registry",
-    "live_path",
-    "instance_dir",
-    "limit_websockets",
-)
+_ADAPTER_KEYWORDS = ("throttler", "limit_websockets", *MIDDLEWARE_DEFAULTS)
 
 
 def check_keywords(options: Iterable[str], known: Iterable[str] = ()) -> None:
@@ -72,6 +119,17 @@ class AdapterSettings:
     health_throttlers: tuple[Throttler, ...]  # the adapter's own first
     metrics_registry: Any
     table: InstanceTable | None
+    gate_options: Mapping[str, Any]  # classify, priority_header, ...: for Gate(**...)
+
+    def gate(self, encode: Callable[[HTTPResponse], E]) -> Gate[E]:
+        """The adapter's :class:`Gate`, refusals encoded with ``encode``."""
+        return Gate(
+            self.throttler,
+            encode,
+            status_code=self.status_code,
+            responder=self.responder,
+            **self.gate_options,
+        )
 
 
 def adapter_settings(
@@ -87,6 +145,7 @@ def adapter_settings(
     metrics_registry: Any,
     live_path: str | None,
     instance_dir: str | os.PathLike[str] | None,
+    gate_options: Mapping[str, Any] | None = None,
 ) -> AdapterSettings:
     """Check a middleware's arguments; ``TypeError``/``ValueError`` name the culprit."""
     check_keywords(throttler_options)
@@ -133,4 +192,15 @@ def adapter_settings(
         health_throttlers=(throttler, *health_throttlers),
         metrics_registry=metrics_registry,
         table=instance_table(instance_dir),
+        gate_options={} if gate_options is None else dict(gate_options),
     )
+
+
+def middleware_settings(throttler: Throttler | None, options: Mapping[str, Any]) -> AdapterSettings:
+    """A middleware's ``throttler`` and ``**options``, split into a new throttler's keyword
+    arguments and the middleware's own (defaults from :data:`MIDDLEWARE_DEFAULTS`), checked."""
+    check_keywords(options)
+    own = {name: options.get(name, default) for name, default in MIDDLEWARE_DEFAULTS.items()}
+    throttler_options = {k: v for k, v in options.items() if k not in MIDDLEWARE_DEFAULTS}
+    gate_options = {name: own.pop(name) for name in _GATE_KEYWORDS}
+    return adapter_settings(throttler, throttler_options, gate_options=gate_options, **own)
