@@ -17,7 +17,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.support.haproxy import App, gunicorn_app, haproxy, wait_for
+from tests.support.haproxy import App, gunicorn_app, haproxy
+from tests.support.net import wait_for
 
 pytestmark = [
     pytest.mark.haproxy,

@@ -26,8 +26,8 @@ import pytest
 
 from shedder import Throttler, ThrottlerStats
 from shedder._web.instance import InstanceTable
-from tests.support.haproxy import REPO_DIR, SRC_DIR
 from tests.support.net import free_port, wait_for
+from tests.support.servers import REPO_DIR, SRC_DIR
 
 pytestmark = pytest.mark.server
 

@@ -19,7 +19,8 @@ import pytest
 from shedder import ThrottlerStats
 from shedder._web.instance import _process_start, _read
 from shedder.agent import agent_reply
-from tests.support.haproxy import App, gunicorn_app, uvicorn_app, wait_for
+from tests.support.haproxy import App, gunicorn_app, uvicorn_app
+from tests.support.net import wait_for
 
 from . import instance_server_app
 from .test_instance import plant
