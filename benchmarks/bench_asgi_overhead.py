@@ -15,10 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -29,6 +26,7 @@ SRC = HERE.parent / "src"
 if str(SRC) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(SRC))
 
+from shedder._demo.servers import ServerProcess  # noqa: E402
 from shedder.asgi import LoadSheddingMiddleware  # noqa: E402
 
 _START = {"type": "http.response.start", "status": 200, "headers": [(b"content-length", b"2")]}
@@ -106,12 +104,6 @@ async def in_process(requests: int, rounds: int) -> dict[str, float]:
 # -- under uvicorn ------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 async def _drive(url: str, requests: int, concurrency: int) -> tuple[float, float]:
     import httpx
 
@@ -139,42 +131,12 @@ async def _drive(url: str, requests: int, concurrency: int) -> tuple[float, floa
 
 
 def under_uvicorn(name: str, requests: int, concurrency: int) -> tuple[float, float]:
-    import httpx
-
-    port = _free_port()
     target = {"bare": "bare_app", "pass-through": "passthrough_app", "shedder": "shedder_app"}
-    env = dict(os.environ, PYTHONPATH=f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
-    command = [
-        sys.executable,
-        "-m",
-        "uvicorn",
-        f"bench_asgi_overhead:{target[name]}",
-        "--app-dir",
-        str(HERE),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--log-level",
-        "warning",
-        "--no-access-log",
-    ]
-    server = subprocess.Popen(command, env=env)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            try:
-                httpx.get(url, timeout=1)
-                break
-            except httpx.TransportError:
-                if time.monotonic() > deadline or server.poll() is not None:
-                    raise RuntimeError("uvicorn did not start") from None
-                time.sleep(0.05)
-        return asyncio.run(_drive(url, requests, concurrency))
-    finally:
-        server.terminate()
-        server.wait(10)
+    command = [sys.executable, "-m", "uvicorn", f"bench_asgi_overhead:{target[name]}"]
+    command += ["--app-dir", str(HERE), "--host", "127.0.0.1", "--log-level", "warning"]
+    command += ["--no-access-log", "--port"]
+    with ServerProcess(lambda port: [*command, str(port)], ready="/") as server:
+        return asyncio.run(_drive(server.url, requests, concurrency))
 
 
 def main() -> None:

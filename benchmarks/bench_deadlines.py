@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from shedder._demo.harness import HOST, ServerProcess, Target, find_free_port, plan_cpus
+from shedder._demo.harness import HOST, Target, TargetServer, plan_cpus
 from shedder._demo.loadgen import OK, SHED, TIMEOUT, LoadGenerator
 from shedder._demo.settings import AppSettings
 
@@ -134,7 +134,7 @@ class DeadlineTarget(Target):
         return [*words, "--app-dir", str(Path(__file__).resolve().parent)]
 
 
-class DeadlineServer(ServerProcess):
+class DeadlineServer(TargetServer):
     def environment(self) -> dict[str, str]:
         env = super().environment()
         assert isinstance(self.target, DeadlineTarget)
@@ -155,7 +155,7 @@ def run_once(
         deadlines="none" if config.deadlines is None else json.dumps(config.deadlines),
     )
     cpus = plan_cpus()
-    with DeadlineServer(target, find_free_port(), cpu=cpus.server) as server:
+    with DeadlineServer(target, cpu=cpus.server) as server:
         generator = StampingGenerator(
             HOST,
             server.port,

@@ -26,7 +26,7 @@ for path in (ROOT, ROOT / "src"):  # run from a checkout without installing
 
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition  # noqa: E402
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic  # noqa: E402
-from tests.brokers import kafka_broker  # noqa: E402
+from tests.support.brokers import kafka_broker  # noqa: E402
 
 from shedder import AdaptiveBatchSizer  # noqa: E402
 from shedder.kafka import BatchConsumer  # noqa: E402

@@ -27,7 +27,7 @@ for path in (ROOT, ROOT / "src"):  # run from a checkout without installing
         sys.path.insert(0, str(path))
 
 import aio_pika  # noqa: E402
-from tests.brokers import RABBITMQ_URL  # noqa: E402
+from tests.support.brokers import RABBITMQ_URL  # noqa: E402
 
 from shedder import AdaptiveBatchSizer  # noqa: E402
 from shedder.rabbitmq import PrefetchConsumer  # noqa: E402

@@ -30,11 +30,9 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -46,6 +44,7 @@ SRC = HERE.parent / "src"
 if str(SRC) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(SRC))
 
+from shedder._demo.servers import ServerProcess  # noqa: E402
 from shedder.asgi import LoadSheddingMiddleware as ASGIMiddleware  # noqa: E402
 from shedder.wsgi import LoadSheddingMiddleware as WSGIMiddleware  # noqa: E402
 
@@ -317,13 +316,6 @@ async def _drive(port: int, requests: int, concurrency: int, seed: int) -> colle
 # -- running a server --------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def _get(port: int, path: str) -> tuple[str, bytes]:
     with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
         sock.sendall(_request(path))
@@ -334,30 +326,21 @@ def _get(port: int, path: str) -> tuple[str, bytes]:
     return _status(head), body
 
 
-def _start(server: str, port: int) -> subprocess.Popen[bytes]:
+def _server(server: str) -> ServerProcess:
+    """``server`` serving this file's app on a free port, ready once ``/health/live`` is 200."""
     if server == "uvicorn":
-        command = ["uvicorn", "--host", "127.0.0.1", "--port", str(port), "--log-level", "critical"]
+        command = ["uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--log-level", "critical"]
         command += ["--no-access-log", "soak:asgi_app"]
     else:
         command = ["gunicorn", "-k", "gthread", "--threads", "8", "--workers", "1"]
-        command += ["--bind", f"127.0.0.1:{port}", "--log-level", "critical", "soak:wsgi_app"]
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(HERE), str(SRC)])}
-    process = subprocess.Popen(
-        [sys.executable, "-m", *command],
+        command += ["--bind", "127.0.0.1:{port}", "--log-level", "critical", "soak:wsgi_app"]
+    return ServerProcess(
+        lambda port: [sys.executable, "-m", *(word.format(port=port) for word in command)],
+        pythonpath=[HERE],
         cwd=HERE,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        ready="/health/live",
+        grace=10,
     )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            if _get(port, "/health/live")[0] == "200":
-                return process
-        except OSError:
-            time.sleep(0.05)
-    process.kill()
-    raise RuntimeError(f"{server} did not start")
 
 
 def _settled_load(port: int) -> dict[str, Any]:
@@ -371,9 +354,8 @@ def _settled_load(port: int) -> dict[str, Any]:
 
 
 def soak(server: str, requests: int, concurrency: int, seed: int) -> dict[str, Any]:
-    port = _free_port()
-    process = _start(server, port)
-    try:
+    with _server(server) as process:
+        port = process.port
         asyncio.run(_drive(port, 1000, concurrency, seed + 1))  # warm-up, not counted
         _settled_load(port)
         rss_start = int(_get(port, "/rss")[1])
@@ -382,14 +364,7 @@ def soak(server: str, requests: int, concurrency: int, seed: int) -> dict[str, A
         elapsed = time.monotonic() - started
         load = _settled_load(port)
         rss_end = int(_get(port, "/rss")[1])
-        alive = process.poll() is None
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        alive = process.process is not None and process.process.poll() is None
     return {
         "server": server,
         "requests": requests,

@@ -1,6 +1,6 @@
 """Sphinx configuration of the shedder documentation (MyST Markdown, furo theme).
 
-Build: ``sphinx-build -W -b html docs docs/_build/html`` (``tests/test_docs.py`` does so).
+Build: ``sphinx-build -W -b html docs docs/_build/html`` (``tests/docs/test_docs.py`` does so).
 """
 
 from __future__ import annotations

@@ -33,9 +33,8 @@ from shedder._demo.harness import (
     HOST,
     PortInUse,
     ServerFailed,
-    ServerProcess,
     Target,
-    find_free_port,
+    TargetServer,
     handle_sigterm,
     plan_cpus,
 )
@@ -136,7 +135,7 @@ class Run:
 
 def drive(tgt: Target, rate: float, duration: float, deadline: float, seed: int, cpus: Any) -> Run:
     """A fresh server for ``tgt``, ``rate`` req/s for ``duration`` s, the limit polled."""
-    with ServerProcess(tgt, find_free_port(), cpu=cpus.server) as server:
+    with TargetServer(tgt, cpu=cpus.server) as server:
         generator = LoadGenerator(
             HOST, server.port, rate=rate, duration=duration, deadline=deadline, seed=seed
         )

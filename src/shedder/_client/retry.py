@@ -133,6 +133,8 @@ def format_timeout(seconds: float, format: DeadlineFormat) -> str:
     gRPC's TimeoutValue and unit (``"1250m"``, up to 8 digits, coarser units when needed).
     """
     milliseconds = math.floor(max(0.0, seconds) * 1000)
+    if milliseconds and milliseconds / 1000 > seconds:
+        milliseconds -= 1  # the product rounded up (large values): never promise more
     if format == "seconds":
         whole, fraction = divmod(milliseconds, 1000)
         return f"{whole}.{fraction:03d}".rstrip("0").rstrip(".")

@@ -13,18 +13,15 @@ import http.client
 import os
 import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import FrameType, TracebackType
-from typing import IO, Any, Literal
+from types import FrameType
+from typing import Any, Literal
 
 from .loadgen import LoadGenerator, LoadResult, RequestClass
+from .servers import HOST, PortInUse, ServerFailed, ServerProcess, check_port_free, free_port
 from .settings import AppSettings
 
 __all__ = [
@@ -34,22 +31,16 @@ __all__ = [
     "ServerFailed",
     "ServerProcess",
     "Target",
+    "TargetServer",
+    "check_port_free",
     "find_free_port",
+    "free_port",
     "handle_sigterm",
     "plan_cpus",
     "run_point",
 ]
 
-HOST = "127.0.0.1"
 ServerKind = Literal["uvicorn", "gunicorn"]
-
-
-class PortInUse(RuntimeError):
-    """The port asked for is taken by another process."""
-
-
-class ServerFailed(RuntimeError):
-    """A server process exited or did not become ready; the message ends with its stderr."""
 
 
 @dataclass(frozen=True)
@@ -141,27 +132,7 @@ def plan_cpus() -> CpuPlan:
     return CpuPlan(server=cpus[0], generator=cpus[1])
 
 
-def find_free_port() -> int:
-    """A port on 127.0.0.1 that nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
-def check_port_free(port: int) -> None:
-    """Raise :class:`PortInUse` with a clear message if ``port`` on 127.0.0.1 is taken."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # As the servers bind: the demo's own connections of the previous step, in TIME_WAIT,
-        # do not make the port "in use"; a process listening on it still does.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((HOST, port))
-        except OSError:
-            raise PortInUse(
-                f"port {port} on {HOST} is already in use by another process; "
-                "choose another with --port, or leave --port out to use a free one"
-            ) from None
+find_free_port = free_port  # the demo's name for it
 
 
 class _Terminated(BaseException):
@@ -188,106 +159,39 @@ def handle_sigterm() -> Iterator[None]:
         signal.signal(signal.SIGTERM, previous)
 
 
-class ServerProcess:
-    """A target's server on 127.0.0.1:``port``, in its own process group; a context manager.
+class TargetServer(ServerProcess):
+    """A target's server on 127.0.0.1:``port`` (a free one if None), in its own process group.
 
     Entering starts it and waits (at most ``ready_timeout`` seconds) until ``GET /ready``
     answers; leaving kills the whole group. Raises :class:`PortInUse` or
-    :class:`ServerFailed` (with the server's stderr) if it cannot start.
+    :class:`ServerFailed` (with the server's output) if it cannot start.
     """
 
     def __init__(
         self,
         target: Target,
-        port: int,
+        port: int | None = None,
         *,
         cpu: int | None = None,
         ready_timeout: float = 20.0,
     ) -> None:
         self.target = target
-        self.port = port
         self.cpu = cpu
-        self.ready_timeout = ready_timeout
-        self.process: subprocess.Popen[bytes] | None = None
-        self._stderr: IO[bytes] | None = None
+        super().__init__(
+            self._target_command,
+            port=port,
+            env=target.app.to_env(),
+            ready="/ready",
+            ready_timeout=ready_timeout,
+            grace=1.0,
+            name=target.server,
+        )
 
-    def command(self) -> list[str]:
-        command = self.target.command(self.port)
+    def _target_command(self, port: int) -> list[str]:
+        command = self.target.command(port)
         if self.cpu is not None:
             command = ["taskset", "-c", str(self.cpu), *command]
         return command
-
-    def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
-        # The server must import this very copy of shedder, installed or not.
-        package_root = str(Path(__file__).resolve().parent.parent.parent)
-        existing = env.get("PYTHONPATH")
-        env["PYTHONPATH"] = package_root + (os.pathsep + existing if existing else "")
-        env.update(self.target.app.to_env())
-        env["PYTHONUNBUFFERED"] = "1"
-        return env
-
-    def __enter__(self) -> ServerProcess:
-        check_port_free(self.port)
-        self._stderr = tempfile.TemporaryFile()
-        try:
-            self.process = subprocess.Popen(
-                self.command(),
-                env=self.environment(),
-                stdin=subprocess.DEVNULL,
-                stdout=self._stderr,
-                stderr=self._stderr,
-                start_new_session=True,  # its own group: Ctrl-C here, then we kill it all
-            )
-            self._wait_ready()
-        except BaseException:
-            self.stop()
-            raise
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    def _wait_ready(self) -> None:
-        process = self.process
-        assert process is not None  # set by __enter__ just before
-        deadline = time.monotonic() + self.ready_timeout
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                output = self.output()
-                if "address already in use" in output.lower():
-                    raise PortInUse(f"port {self.port} on {HOST} is already in use")
-                raise ServerFailed(
-                    f"{self.target.server} exited with status {process.returncode}:\n{output}"
-                )
-            try:
-                connection = http.client.HTTPConnection(HOST, self.port, timeout=1.0)
-                try:
-                    connection.request("GET", "/ready")
-                    if connection.getresponse().status == 200:
-                        return
-                finally:
-                    connection.close()
-            except OSError:
-                pass
-            # A readiness probe of a starting subprocess: there is nothing to wait on but time.
-            time.sleep(0.05)
-        raise ServerFailed(
-            f"{self.target.server} did not answer GET /ready within {self.ready_timeout} s:\n"
-            + self.output()
-        )
-
-    def output(self, limit: int = 4000) -> str:
-        """The tail of the server's stdout and stderr."""
-        if self._stderr is None:
-            return ""
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")[-limit:]
 
     def _processes(self) -> list[Any]:
         import psutil  # type: ignore[import-untyped]
@@ -332,26 +236,6 @@ class ServerProcess:
             total += times.user + times.system
             found = True
         return total if found else None
-
-    def stop(self, grace: float = 1.0) -> None:
-        """Kill the server's process group: SIGTERM, then SIGKILL after ``grace`` seconds."""
-        process = self.process
-        if process is not None and process.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGTERM)
-            try:
-                process.wait(grace)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-        if process is not None and process.poll() is not None:
-            # The leader is gone; make sure no worker outlived it.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(process.pid, signal.SIGKILL)
-        if self._stderr is not None and process is not None and process.poll() is not None:
-            self._stderr.close()
-            self._stderr = None
 
 
 def _high_water_mark(pid: int) -> int | None:
@@ -402,7 +286,7 @@ def run_point(
     and kept in ``extra["recorded"]``, with the generator's start time in ``extra["t0"]``.
     """
     rate = target.app.capacity * load_factor
-    with ServerProcess(target, port or find_free_port(), cpu=cpus.server) as server:
+    with TargetServer(target, port, cpu=cpus.server) as server:
         generator = LoadGenerator(
             HOST,
             server.port,
