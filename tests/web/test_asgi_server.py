@@ -1,80 +1,35 @@
 """The ASGI middleware under a real uvicorn on 127.0.0.1, driven by httpx clients.
 
-The app (``tests/asgi_server_app.py``) runs max_concurrency=2, max_queue=2.
+The app (``tests/web/asgi_server_app.py``) runs max_concurrency=2, max_queue=2.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
 import statistics
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
-import shedder
-from tests.support.net import free_port
+from tests.support.servers import python_server, server_process
 
 pytestmark = pytest.mark.server
 
-TESTS = Path(__file__).parent
-
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    port = free_port()
-    env = dict(os.environ, PYTHONPATH=str(Path(shedder.__file__).parents[1]))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "uvicorn",
-            "asgi_server_app:app",
-            "--app-dir",
-            str(TESTS),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--log-level",
-            "warning",
-            "--no-access-log",
-        ],
-        env=env,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 15
-        while True:
-            if process.poll() is not None:
-                pytest.fail(f"uvicorn exited with {process.returncode}")
-            try:
-                if httpx.get(f"{url}/health/load", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("uvicorn did not become ready within 15 s")
-            time.sleep(0.05)
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def uvicorn_url() -> Iterator[str]:
+    """One uvicorn for the module: the tests reset its state through ``/control/``."""
+    command = python_server("uvicorn", "tests.web.asgi_server_app:app", "--no-access-log")
+    with server_process(command, ready="/health/load") as process:
+        yield process.url
 
 
 @pytest.fixture
-async def client(server: str) -> Any:
-    async with httpx.AsyncClient(base_url=server, timeout=20) as client:
+async def client(uvicorn_url: str) -> Any:
+    async with httpx.AsyncClient(base_url=uvicorn_url, timeout=20) as client:
         await client.post("/control/reset")
         yield client
         await client.post("/control/open")  # let anything still waiting finish
@@ -135,13 +90,13 @@ async def test_streaming_response_keeps_its_slot_until_the_last_chunk(
 
 
 async def test_client_that_disconnects_while_queued_never_runs(
-    client: httpx.AsyncClient, server: str
+    client: httpx.AsyncClient, uvicorn_url: str
 ) -> None:
     holders = [asyncio.create_task(client.get("/slow", params={"id": f"h{i}"})) for i in range(2)]
     await health_when(client, lambda h: h["in_flight"] == 2)
     cancelled_before = (await client.get("/health/load")).json()["cancelled_total"]
 
-    async with httpx.AsyncClient(base_url=server, timeout=0.5) as impatient:
+    async with httpx.AsyncClient(base_url=uvicorn_url, timeout=0.5) as impatient:
         with pytest.raises(httpx.ReadTimeout):
             await impatient.get("/slow", params={"id": "ghost"})
     # It gave up and closed its connection: its place in the queue is freed promptly.
