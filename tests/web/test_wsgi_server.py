@@ -2,29 +2,21 @@
 
 from __future__ import annotations
 
-import os
 import statistics
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-import shedder
-from tests.support.net import free_port, wait_for
+from tests.support.net import wait_for
+from tests.support.servers import StartServer, python_server, server_process
 
 pytestmark = pytest.mark.server
 
-TESTS_DIR = Path(__file__).resolve().parent
-SRC_DIR = Path(shedder.__file__).resolve().parent.parent
-REPO_DIR = SRC_DIR.parent
-
-# Must match tests/wsgi_server_app.py.
+# Must match tests/web/wsgi_server_app.py.
 MAX_CONCURRENCY = 4
 MAX_QUEUE = 4
 # gthread sizing: every request in flight or queued in shedder holds a worker thread, so the
@@ -32,71 +24,23 @@ MAX_QUEUE = 4
 THREADS = MAX_CONCURRENCY + MAX_QUEUE + 8
 
 
-def start_gunicorn(app: str, cwd: Path, extra_path: Path | None = None) -> tuple[Any, str]:
-    port = free_port()
-    env = dict(os.environ)
-    paths = [str(SRC_DIR)] + ([str(extra_path)] if extra_path else [])
-    env["PYTHONPATH"] = os.pathsep.join([*paths, env.get("PYTHONPATH", "")])
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "gunicorn",
-            "-k",
-            "gthread",
-            "--threads",
-            str(THREADS),
-            "--workers",
-            "1",
-            "--graceful-timeout",
-            "2",
-            "--bind",
-            f"127.0.0.1:{port}",
-            app,
-        ],
-        cwd=cwd,
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base_url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if process.poll() is not None:
-            return True
-        try:
-            return httpx.get(f"{base_url}/health/load", timeout=1).status_code == 200
-        except httpx.TransportError:
-            return False
-
-    if not wait_for(ready, timeout=30) or process.poll() is not None:
-        stop(process)
-        raise RuntimeError(f"gunicorn did not start: {process.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
-    return process, base_url
-
-
-def stop(process: Any) -> None:
-    process.terminate()
-    try:
-        process.wait(10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(10)
-    process.stderr.close()
+def gunicorn(app: str) -> Callable[[int], list[str]]:
+    """One gthread worker with THREADS threads serving ``app`` (later options win)."""
+    options = ["--threads", str(THREADS), "--workers", "1", "--graceful-timeout", "2"]
+    return python_server("gunicorn", app, *options)
 
 
 @pytest.fixture(scope="module")
-def server() -> Iterator[str]:
-    process, base_url = start_gunicorn("wsgi_server_app:application", TESTS_DIR, TESTS_DIR)
-    try:
-        yield base_url
-    finally:
-        stop(process)
+def gunicorn_url() -> Iterator[str]:
+    """One gunicorn for the module: the tests reset its state through ``/reset``."""
+    command = gunicorn("tests.web.wsgi_server_app:application")
+    with server_process(command, ready="/health/load") as process:
+        yield process.url
 
 
 @pytest.fixture
-def client(server: str) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=server, timeout=30) as client:
+def client(gunicorn_url: str) -> Iterator[httpx.Client]:
+    with httpx.Client(base_url=gunicorn_url, timeout=30) as client:
         client.post("/reset").raise_for_status()
         yield client
 
@@ -106,9 +50,9 @@ def health(client: httpx.Client) -> dict[str, Any]:
     return data
 
 
-def in_background(server: str, path: str, results: list[httpx.Response]) -> threading.Thread:
+def in_background(base_url: str, path: str, results: list[httpx.Response]) -> threading.Thread:
     def run() -> None:
-        with httpx.Client(base_url=server, timeout=30) as own:
+        with httpx.Client(base_url=base_url, timeout=30) as own:
             results.append(own.get(path))
 
     thread = threading.Thread(target=run)
@@ -116,10 +60,12 @@ def in_background(server: str, path: str, results: list[httpx.Response]) -> thre
     return thread
 
 
-def test_saturated_slow_view_sheds_fast_and_recovers(server: str, client: httpx.Client) -> None:
+def test_saturated_slow_view_sheds_fast_and_recovers(
+    gunicorn_url: str, client: httpx.Client
+) -> None:
     results: list[httpx.Response] = []
     threads = [
-        in_background(server, "/slow?gate=saturate", results)
+        in_background(gunicorn_url, "/slow?gate=saturate", results)
         for _ in range(MAX_CONCURRENCY + MAX_QUEUE)
     ]
     assert wait_for(lambda: health(client)["queued"] == MAX_QUEUE)
@@ -148,9 +94,9 @@ def test_saturated_slow_view_sheds_fast_and_recovers(server: str, client: httpx.
     assert health(client)["in_flight"] == 0
 
 
-def test_burst_never_exceeds_max_concurrency(server: str, client: httpx.Client) -> None:
+def test_burst_never_exceeds_max_concurrency(gunicorn_url: str, client: httpx.Client) -> None:
     results: list[httpx.Response] = []
-    threads = [in_background(server, "/work?ms=100", results) for _ in range(24)]
+    threads = [in_background(gunicorn_url, "/work?ms=100", results) for _ in range(24)]
     for thread in threads:
         thread.join(30)
     statuses = [r.status_code for r in results]
@@ -185,9 +131,9 @@ def test_file_response_keeps_gunicorn_file_wrapper_and_frees_slot(client: httpx.
     assert wait_for(lambda: health(client)["in_flight"] == 0)
 
 
-def test_flask_decorator_behind_the_middleware(server: str, client: httpx.Client) -> None:
+def test_flask_decorator_behind_the_middleware(gunicorn_url: str, client: httpx.Client) -> None:
     results: list[httpx.Response] = []
-    first = in_background(server, "/heavy?gate=heavy", results)
+    first = in_background(gunicorn_url, "/heavy?gate=heavy", results)
     assert wait_for(lambda: health(client)["throttlers"][1]["in_flight"] == 1)
     refused = client.get("/heavy?gate=heavy")
     assert refused.status_code == 503
@@ -201,20 +147,17 @@ def test_flask_decorator_behind_the_middleware(server: str, client: httpx.Client
     assert wait_for(lambda: client.get("/health/load").status_code == 200)
 
 
-def test_example_app_runs_with_the_documented_command() -> None:
-    process, base_url = start_gunicorn("examples.flask_app.app:app", REPO_DIR)
-    try:
-        with httpx.Client(base_url=base_url, timeout=10) as client:
-            assert client.get("/").status_code == 200
-            assert client.post("/checkout").json()["priority"] == "critical"
-            assert client.get("/prefetch").json()["priority"] == "sheddable"
-            assert client.get("/report").status_code == 200
-            with client.stream("GET", "/stream?lines=2") as response:
-                assert len(list(response.iter_lines())) == 2
-            load = client.get("/health/load").json()
-            assert [t["name"] for t in load["throttlers"]] == ["app", "report"]
-            metrics = client.get("/metrics")
-            assert metrics.status_code == 200
-            assert "text/plain" in metrics.headers["content-type"]
-    finally:
-        stop(process)
+def test_example_app_runs_with_the_documented_command(server: StartServer) -> None:
+    app = server(gunicorn("examples.flask_app.app:app"), ready="/health/load")
+    with httpx.Client(base_url=app.url, timeout=10) as client:
+        assert client.get("/").status_code == 200
+        assert client.post("/checkout").json()["priority"] == "critical"
+        assert client.get("/prefetch").json()["priority"] == "sheddable"
+        assert client.get("/report").status_code == 200
+        with client.stream("GET", "/stream?lines=2") as response:
+            assert len(list(response.iter_lines())) == 2
+        load = client.get("/health/load").json()
+        assert [t["name"] for t in load["throttlers"]] == ["app", "report"]
+        metrics = client.get("/metrics")
+        assert metrics.status_code == 200
+        assert "text/plain" in metrics.headers["content-type"]
