@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -23,7 +22,7 @@ from prometheus_client.parser import text_string_to_metric_families
 import shedder
 from shedder import Overloaded, Permit, Throttler, ThrottlerListener
 from shedder.prometheus import DEFAULT_BUCKETS, instrument, metrics_response
-from tests.support.net import free_port
+from tests.support.servers import StartServer, python_server
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -500,7 +499,7 @@ def app(environ, start_response):
 
 
 @pytest.fixture
-def gunicorn_app(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
+def gunicorn_app(server: StartServer, tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
     """A gunicorn with 2 gthread workers in multiprocess mode; yields (base URL, control)."""
     control = socket.socket()
     control.bind(("127.0.0.1", 0))
@@ -508,39 +507,14 @@ def gunicorn_app(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
     (tmp_path / "app.py").write_text(GUNICORN_APP)
     multiproc_dir = tmp_path / "prometheus"
     multiproc_dir.mkdir()
-    port = free_port()
     env = {
-        **os.environ,
-        "PYTHONPATH": os.path.dirname(os.path.dirname(shedder.__file__)),
         "PROMETHEUS_MULTIPROC_DIR": str(multiproc_dir),
         "SHEDDER_TEST_CONTROL_PORT": str(control.getsockname()[1]),
     }
-    log = (tmp_path / "gunicorn.log").open("wb")
-    command = [sys.executable, "-m", "gunicorn", "-w", "2", "-k", "gthread", "--threads", "4"]
-    command += ["-b", f"127.0.0.1:{port}", "--chdir", str(tmp_path), "app:app"]
-    process = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:  # readiness: poll /metrics with a bounded deadline
-            assert process.poll() is None, (tmp_path / "gunicorn.log").read_text()
-            try:
-                if httpx.get(f"{url}/metrics", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "gunicorn did not start"
-            time.sleep(0.05)
-        yield url, control
-    finally:
-        control.close()
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(10)
-        log.close()
+    options = ["-w", "2", "--threads", "4", "--chdir", str(tmp_path)]
+    with control:
+        app = server(python_server("gunicorn", "app:app", *options), ready="/metrics", env=env)
+        yield app.url, control
 
 
 def _scrape_url(url: str) -> Samples:
