@@ -1,6 +1,6 @@
 """shedder.gunicorn.ThreadWorker under a real gunicorn (``-w 1`` and ``-w 2``) on 127.0.0.1.
 
-The app is tests/gunicorn_worker_app.py. A refusal made by the worker, before gunicorn's
+The app is tests/web/gunicorn_worker_app.py. A refusal made by the worker, before gunicorn's
 thread pool, is told apart from one made by the middleware in a thread by gunicorn's own
 ``Server`` header, which only responses written by gunicorn's thread carry.
 """
@@ -13,8 +13,7 @@ import os
 import signal
 import socket
 import struct
-import subprocess
-import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -25,9 +24,10 @@ import httpx
 import pytest
 
 from shedder import Throttler, ThrottlerStats
+from shedder._demo.servers import ServerProcess
 from shedder._web.instance import InstanceTable
-from tests.support.net import free_port, wait_for
-from tests.support.servers import REPO_DIR, SRC_DIR
+from tests.support.net import wait_for
+from tests.support.servers import python_server, server_process
 
 pytestmark = pytest.mark.server
 
@@ -37,15 +37,29 @@ _NAMED_DEFAULT = Throttler(1, name="default")  # names the records to sum; never
 
 @dataclass
 class Server:
-    url: str
-    port: int
-    process: subprocess.Popen[bytes]
-    log: Path
+    """A running gunicorn, the directory its workers report to, and the requests held."""
+
+    process: ServerProcess
     instance_dir: Path
     holders: list[threading.Thread] = field(default_factory=list)
 
+    @property
+    def url(self) -> str:
+        return self.process.url
+
+    @property
+    def port(self) -> int:
+        return self.process.port
+
+    @property
+    def pid(self) -> int:
+        """The gunicorn master's."""
+        assert self.process.process is not None
+        return self.process.process.pid
+
     def output(self) -> str:
-        return self.log.read_text(errors="replace")
+        """All gunicorn said so far (also after it stopped)."""
+        return self.process.output(limit=1_000_000)
 
     def figures(self) -> ThrottlerStats:
         """The throttlers' figures summed over the workers, read from the instance directory
@@ -120,50 +134,36 @@ def gunicorn(
     env: Mapping[str, str] | None = None,
     args: tuple[str, ...] = (),
 ) -> Iterator[Server]:
-    port = free_port()
-    log = tmp_path / f"gunicorn-{port}.log"
-    instance_dir = tmp_path / f"instance-{port}"
-    instance_dir.mkdir()
-    environment = {
-        **os.environ,
-        "PYTHONPATH": os.pathsep.join([str(SRC_DIR), str(REPO_DIR)]),
-        "SHEDDER_INSTANCE_DIR": str(instance_dir),
-        **(env or {}),
-    }
-    command = [sys.executable, "-m", "gunicorn", "-k", "shedder.gunicorn.ThreadWorker"]
-    command += ["--threads", str(threads), "--workers", str(workers), "--graceful-timeout", "3"]
-    command += ["--bind", f"127.0.0.1:{port}", "--control-socket", str(tmp_path / f"{port}.ctl")]
-    command += [*args, APP]
-    with log.open("wb") as output:
-        process = subprocess.Popen(
-            command, cwd=REPO_DIR, env=environment, stdout=output, stderr=subprocess.STDOUT
-        )
-    server = Server(f"http://127.0.0.1:{port}", port, process, log, instance_dir)
+    """gunicorn with shedder's ThreadWorker, ready once its health reports every worker."""
+    instance_dir = Path(tempfile.mkdtemp(prefix="instance-", dir=tmp_path))
+    options = ["-k", "shedder.gunicorn.ThreadWorker", "--threads", str(threads)]
+    options += ["--workers", str(workers), "--graceful-timeout", "3"]
+    options += ["--control-socket", str(tmp_path / "{port}.ctl"), *args]
 
-    def ready() -> bool:
-        if process.poll() is not None:
-            return True
+    def ready(process: ServerProcess) -> bool:
         try:
-            return server.health()["workers"] == workers
+            health = httpx.get(f"{process.url}/health/load", timeout=5).json()
+            return bool(health["workers"] == workers)
         except (httpx.TransportError, KeyError, ValueError):
             return False
 
-    try:
-        if not wait_for(ready, timeout=30) or process.poll() is not None:
-            raise RuntimeError(f"gunicorn did not start:\n{server.output()[-3000:]}")
-        yield server
-    finally:
-        for _ in server.holders:  # a failed test may leave requests held
-            with contextlib.suppress(httpx.HTTPError):
-                httpx.get(f"{server.url}/open/held", timeout=1)
-        process.terminate()
+    process = server_process(
+        python_server("gunicorn", APP, *options),
+        ready=ready,
+        env={"SHEDDER_INSTANCE_DIR": str(instance_dir), **(env or {})},
+        grace=15,
+        log=instance_dir.with_suffix(".log"),
+    )
+    with process:
+        server = Server(process, instance_dir)
         try:
-            process.wait(15)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(5)
-        for holder in server.holders:
-            holder.join(timeout=5)
+            yield server
+        finally:
+            for _ in server.holders:  # a failed test may leave requests held
+                with contextlib.suppress(httpx.HTTPError):
+                    httpx.get(f"{server.url}/open/held", timeout=1)
+    for holder in server.holders:
+        holder.join(timeout=5)
 
 
 @dataclass
@@ -352,7 +352,7 @@ def test_graceful_reload_keeps_requests_and_refusals(tmp_path: Path) -> None:
         )
         in_flight.start()
         assert wait_for(lambda: server.figures().in_flight == 1, timeout=5)
-        os.kill(server.process.pid, signal.SIGHUP)
+        os.kill(server.pid, signal.SIGHUP)
 
         def reloaded() -> bool:
             response = request(server.port, get("/echo"))
