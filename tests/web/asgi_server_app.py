@@ -1,4 +1,4 @@
-"""The app the uvicorn tests run (``tests/web/test_asgi_server.py``): slow, streaming, failing routes.
+"""The app the uvicorn tests run (``tests/web/test_asgi_server.py``): slow, streaming, failing.
 
 Routes under ``/control/`` are exempt from throttling and let the tests open the gate the slow
 routes wait on and read what ran.
