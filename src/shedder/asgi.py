@@ -16,9 +16,7 @@ from ._core.checks import check_bool
 from ._core.errors import Overloaded
 from ._core.throttler import Permit, Throttler, ThrottlerOptions, Waiting
 from ._core.wire import _DEADLINE
-from ._web.gate import (
-    Request,
-)
+from ._web.gate import Request, default_outcome
 from ._web.http import (
     HTTPResponse,
     health_response,
@@ -224,6 +222,12 @@ class LoadSheddingMiddleware:
         self._wanted = {name.encode("latin-1"): name for name in self._gate.header_names}
         self._throttler_admit = self.throttler.admit
         self._outcome = self._gate.outcome
+        # Noting each response's status only matters to whoever learns from outcomes.
+        self._track_outcome = (
+            self.throttler.limit_algorithm is not None
+            or self._outcome is not default_outcome
+            or self.throttler.retry_after_auto
+        )
 
     # -- dispatch -------------------------------------------------------------------------------
 
@@ -278,15 +282,27 @@ class LoadSheddingMiddleware:
         release = permit._throttler._release  # one call frame less than permit.release
         outcome = self._outcome
         status: int | None = None
+        send_then_release: Send
 
-        async def send_then_release(message: Message) -> None:
-            nonlocal status
-            await send(message)
-            kind = message["type"]
-            if kind == "http.response.start":
-                status = message["status"]
-            elif kind in _BODY_TYPES and not message.get("more_body", False):
-                release(permit, outcome(status, None))
+        if self._track_outcome:
+
+            async def send_then_release(message: Message) -> None:
+                nonlocal status
+                await send(message)
+                kind = message["type"]
+                if kind == "http.response.start":
+                    status = message["status"]
+                elif kind in _BODY_TYPES and not message.get("more_body", False):
+                    release(permit, outcome(status, None))
+
+        else:
+            # Nobody learns from how requests end (a fixed limit and Retry-After, the default
+            # outcome): skip noting the status. An exception is still told as "ignore".
+
+            async def send_then_release(message: Message) -> None:
+                await send(message)
+                if message["type"] in _BODY_TYPES and not message.get("more_body", False):
+                    release(permit, "success")
 
         scope["shedder.permit"] = permit
         token = None

@@ -119,7 +119,9 @@ class LoadSheddingMiddleware:
         # Telling a limit algorithm how each request ended needs the response status, which
         # costs a start_response wrapper per request: only when someone listens.
         self._track_outcome = (
-            self.throttler.limit_algorithm is not None or self._outcome is not default_outcome
+            self.throttler.limit_algorithm is not None
+            or self._outcome is not default_outcome
+            or self.throttler.retry_after_auto
         )
         self._health_throttlers = settings.health_throttlers
         self._metrics_registry = metrics_registry

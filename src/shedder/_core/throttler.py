@@ -491,6 +491,11 @@ class Throttler:
         return self._max_queue
 
     @property
+    def retry_after_auto(self) -> bool:
+        """True when ``retry_after="auto"``: Retry-After follows the observed service time."""
+        return self._retry_after_fixed is None
+
+    @property
     def queue_timeout(self) -> float:
         return self._queue_timeout
 
@@ -906,7 +911,8 @@ class Throttler:
             permit._released = True
             held = now - permit.acquired_at
             self._in_flight -= 1
-            if outcome == "success":
+            if outcome == "success" and self._retry_after_fixed is None:
+                # Only retry_after="auto" reads the mean hold time.
                 self._mean_hold += 0.1 * (held - self._mean_hold) if self._mean_hold else held
             if self._limit is not None and outcome != "ignore":
                 limit = self._limit.update(held, self._in_flight + 1, outcome == "dropped")
