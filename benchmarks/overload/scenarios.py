@@ -421,6 +421,12 @@ def deadlines(
     """
     configs = {
         "deadlines": uvicorn_target("deadlines-on", "deadlines on", DEADLINE_OPTIONS, record=1.0),
+        "deadlines, margin 30 ms": uvicorn_target(
+            "deadlines-margin",
+            "Deadlines(margin=0.03)",
+            {**DEADLINE_OPTIONS, "deadlines": {"margin": 0.03}},
+            record=1.0,
+        ),
         "no deadlines": uvicorn_target(
             "deadlines-off", "deadlines=None", {**DEADLINE_OPTIONS, "deadlines": None}, record=1.0
         ),
