@@ -463,10 +463,10 @@ def deadlines(
     """
     configs = {
         "deadlines": uvicorn_target("deadlines-on", "deadlines on", DEADLINE_OPTIONS, record=1.0),
-        "deadlines, margin 30 ms": uvicorn_target(
+        "deadlines, margin 50 ms": uvicorn_target(
             "deadlines-margin",
-            "Deadlines(margin=0.03)",
-            {**DEADLINE_OPTIONS, "deadlines": {"margin": 0.03}},
+            "Deadlines(margin=0.05)",
+            {**DEADLINE_OPTIONS, "deadlines": {"margin": 0.05}},
             record=1.0,
         ),
         "no deadlines": uvicorn_target(
