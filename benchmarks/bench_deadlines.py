@@ -102,17 +102,14 @@ class StampingGenerator(LoadGenerator):
 
     request_start = False
 
-    @property  # type: ignore[override]
-    def request_bytes(self) -> bytes:
-        # Read by each exchange when it sends: stamped with the time the client gives up.
+    def request_for(self, index: int) -> bytes:
+        # Built when the request is sent: stamped with the time the client gives up.
         now = time.time()
-        extra = f"x-request-start: t={int(now * 1e6)}\r\n" if self.request_start else ""
-        return self._head + f"{extra}x-bench-deadline: {now + BUDGET:.6f}\r\n\r\n".encode()
-
-    @request_bytes.setter
-    def request_bytes(self, value: bytes) -> None:
         budget_ms = round(BUDGET * 1000)
-        self._head = value[:-2] + f"x-envoy-expected-rq-timeout-ms: {budget_ms}\r\n".encode()
+        extra = f"x-request-start: t={int(now * 1e6)}\r\n" if self.request_start else ""
+        stamp = f"x-envoy-expected-rq-timeout-ms: {budget_ms}\r\n{extra}"
+        stamp += f"x-bench-deadline: {now + BUDGET:.6f}\r\n\r\n"
+        return super().request_for(index)[:-2] + stamp.encode()
 
 
 @dataclass(frozen=True)

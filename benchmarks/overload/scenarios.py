@@ -308,7 +308,8 @@ def priorities(
     """Critical at 25% of capacity, sheddable at 4x then 8x, in one schedule (issue 15).
 
     Targets: critical success >= 99.5% with p99 <= 2x the service time; sheddable takes
-    >= 99% of the refusals; total goodput >= 98% of capacity.
+    >= 99% of the refusals; total goodput >= 98% of capacity. Then the same 1:3 mix at 0.9x,
+    with and without the classes: no class is refused more than without them.
     """
     target = uvicorn_target("priorities", "shedder, priority header", PRIORITY_OPTIONS)
     out: dict[str, Any] = {}
@@ -341,6 +342,47 @@ def priorities(
             f"p99 {critical['p99_ok_ms']} ms; sheddable's share of refusals "
             f"{shed_class['share_of_refusals_pct']}%; goodput {goodput_pct}% {verdict}"
         )
+    # At 0.9x (the same 1:3 mix), with and without the classes, interleaved: no class may be
+    # refused more than without classes.
+    mix = [
+        ("critical", 0.225, (("x-priority", "critical"),)),
+        ("sheddable", 0.675, (("x-priority", "sheddable"),)),
+    ]
+    plain = uvicorn_target("priorities-off", "shedder, no classes", SHEDDER_SETTINGS)
+    by_config: dict[str, list[dict[str, Any]]] = {"classes": [], "no classes": []}
+    for rep in range(reps):
+        for key, config in (("classes", target), ("no classes", plain)):
+            by_config[key] += _classed(
+                config,
+                mix,
+                reps=1,
+                duration=duration,
+                deadline=deadline,
+                seed=seed + rep,
+                cpus=cpus,
+            )
+    below: dict[str, Any] = {}
+    for key, points in by_config.items():
+        below[key] = {
+            name: {
+                "refused_pct": _median([100.0 - p["classes"][name]["success_pct"] for p in points])
+            }
+            for name in ("critical", "sheddable")
+        }
+        below[key]["runs"] = points
+    verdict_09 = {
+        name: (below["classes"][name]["refused_pct"] or 0.0)
+        <= (below["no classes"][name]["refused_pct"] or 0.0)
+        for name in ("critical", "sheddable")
+    }
+    out["0.9x"] = {**below, "meets": verdict_09}
+    echo(
+        "  priorities at 0.9x, % not answered 2xx (critical, sheddable): with classes "
+        f"{below['classes']['critical']['refused_pct']}, "
+        f"{below['classes']['sheddable']['refused_pct']}; without "
+        f"{below['no classes']['critical']['refused_pct']}, "
+        f"{below['no classes']['sheddable']['refused_pct']} {verdict_09}"
+    )
     return out
 
 
@@ -421,6 +463,12 @@ def deadlines(
     """
     configs = {
         "deadlines": uvicorn_target("deadlines-on", "deadlines on", DEADLINE_OPTIONS, record=1.0),
+        "deadlines, margin 50 ms": uvicorn_target(
+            "deadlines-margin",
+            "Deadlines(margin=0.05)",
+            {**DEADLINE_OPTIONS, "deadlines": {"margin": 0.05}},
+            record=1.0,
+        ),
         "no deadlines": uvicorn_target(
             "deadlines-off", "deadlines=None", {**DEADLINE_OPTIONS, "deadlines": None}, record=1.0
         ),

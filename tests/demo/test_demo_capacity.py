@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 
+import shedder
 from shedder._demo.database import SimulatedDatabase
 from shedder._demo.settings import AppSettings, throttler_options
 from shedder.limits import AIMDLimit, Gradient2Limit, VegasLimit
@@ -80,6 +81,9 @@ def test_record_and_json_only_options_round_trip() -> None:
     assert callable(options["classify"])
     with pytest.raises(ValueError, match="classify must name one of tenant-header"):
         throttler_options({"classify": "nope"})
+    deadlines = throttler_options({"deadlines": {"margin": 0.05}})["deadlines"]
+    assert deadlines == shedder.Deadlines(margin=0.05)
+    assert throttler_options({"deadlines": None}) == {"deadlines": None}
     with pytest.raises(ValueError, match="SHEDDER_DEMO_RECORD"):
         AppSettings.from_env({"SHEDDER_DEMO_RECORD": "often"})
 

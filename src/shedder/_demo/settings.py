@@ -7,7 +7,8 @@ makes the database slower for stretches of the run, so capacity changes mid-run.
 
 JSON cannot carry a :class:`shedder.limits.Limit`, so the shedder options may name one:
 ``{"limit": {"vegas": {"max_limit": 100}}}`` becomes ``max_concurrency=VegasLimit(max_limit=100)``
-(see :func:`throttler_options`); ``{"classify": "tenant-header"}`` names a classifier the same way.
+(see :func:`throttler_options`); ``{"classify": "tenant-header"}`` names a classifier the same way,
+and ``{"deadlines": {"margin": 0.03}}`` gives ``deadlines=Deadlines(margin=0.03)``.
 
 ``SHEDDER_DEMO_RECORD`` (a sampling period in seconds, e.g. ``0.1``; empty: off) makes the app
 record, for the benchmark: the throttler's state every period (limit, in flight, queued, CoDel's
@@ -58,7 +59,8 @@ def _tenant_header(request: Any) -> Any:
 
 
 def throttler_options(options: Mapping[str, Any]) -> dict[str, Any]:
-    """The middleware's keyword arguments, with a named ``limit`` built into ``max_concurrency``.
+    """The middleware's keyword arguments, with a named ``limit`` built into ``max_concurrency``
+    and a ``deadlines`` object into :class:`shedder.Deadlines`.
 
     ``{"limit": {"vegas": {}}}`` gives ``max_concurrency=VegasLimit()``; ``ValueError`` for an
     unknown name, a malformed entry, or both ``limit`` and ``max_concurrency``.
@@ -72,6 +74,10 @@ def throttler_options(options: Mapping[str, Any]) -> dict[str, Any]:
         if classifier not in CLASSIFIERS:
             raise ValueError(f"classify must name one of {', '.join(CLASSIFIERS)}")
         built["classify"] = _tenant_header
+    if isinstance(built.get("deadlines"), dict):
+        from shedder import Deadlines
+
+        built["deadlines"] = Deadlines(**built["deadlines"])
     spec = built.pop("limit", None)
     if spec is None:
         return built
