@@ -110,6 +110,7 @@ class LoadSheddingMiddleware:
         self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
         self._gate = settings.gate(_encode)
         self._classify = self._gate.classify
+        self._throttler_admit = self.throttler.admit
         # Header name -> its environ key, for the headers the gate reads.
         self._wanted = {
             name: "HTTP_" + name.upper().replace("-", "_") for name in self._gate.header_names
@@ -157,10 +158,11 @@ class LoadSheddingMiddleware:
             return self._serve(environ, start_response, self._health)
         if path == self.metrics_path:
             return self._serve(environ, start_response, self._metrics)
-        if path_matches(path, self._exact, self._prefixes):
+        if path in self._exact or (self._prefixes and path.startswith(self._prefixes)):
             return self.app(environ, start_response)
 
-        self._orphans.reclaim()
+        if self._orphans.pending:
+            self._orphans.reclaim()
         # Decided before the app sees the request; a refused request never reaches it.
         decision = environ.get("shedder.admission")  # already admitted by the server's worker
         deadline = None
@@ -168,22 +170,28 @@ class LoadSheddingMiddleware:
             # Ours now: removing it tells the worker not to release or cancel it itself.
             del environ["shedder.admission"]
             deadline = environ.get("shedder.deadline")
-        elif self._classify is None and not any(k in environ for k in self._wanted_keys):
-            decision = self.throttler.admit()
         else:
-            decision, deadline = self._admit(environ)
-        if isinstance(decision, Waiting):
+            for key in self._wanted_keys:  # a loop, not any(genexpr): this runs per request
+                if key in environ:
+                    decision, deadline = self._admit(environ)
+                    break
+            else:
+                if self._classify is None:
+                    decision = self._throttler_admit()
+                else:
+                    decision, deadline = self._admit(environ)
+        if type(decision) is Waiting:
             try:
                 decision = decision.wait()
                 decision.deadline = deadline  # a grant after a wait does not carry it
             except Overloaded as refusal:
                 decision = refusal
-        if isinstance(decision, Overloaded):
+        if type(decision) is Overloaded:
             view = self._request_view(environ) if self._gate.responder_wants_request else None
             status, headers, body = self._gate.refusal(decision, view)
             start_response(status, list(headers))
             return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
-        permit: Permit = decision
+        permit: Permit = decision  # type: ignore[assignment]  # exact-type checks above
         environ["shedder.permit"] = permit
         if deadline is not None:
             environ["shedder.deadline"] = deadline
@@ -385,19 +393,22 @@ class _Reclaimer:
     (``SimpleQueue.put`` is reentrant-safe) and the next request releases it.
     """
 
-    __slots__ = ("_queue", "_warned")
+    __slots__ = ("_queue", "_warned", "pending")
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Permit] = queue.SimpleQueue()
         self._warned = False
+        self.pending = False  # set by orphan(): the request path checks it without a call
 
     def orphan(self, permit: Permit) -> None:
         """From a finaliser: the response holding ``permit`` is gone."""
         if not permit.released:
             self._queue.put(permit)
+            self.pending = True
 
     def reclaim(self) -> None:
         """Release the orphaned permits; called on the request path, never in a finaliser."""
+        self.pending = False  # before draining: an orphan queued meanwhile sets it again
         while not self._queue.empty():
             try:
                 permit = self._queue.get_nowait()
