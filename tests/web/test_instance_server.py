@@ -225,6 +225,13 @@ def test_one_full_worker_makes_the_instance_overloaded(tmp_path: Path) -> None:
     worker refused every request."""
     with serve("gunicorn", tmp_path, extras=False) as (url, agent_port):
         assert agent_port is not None
+        # A worker publishes its record on its first request: until both have served one, the
+        # instance has one worker as far as anyone can tell (the kernel may hand every stream
+        # below to the same worker).
+        assert wait_for(
+            lambda: httpx.get(f"{url}/health/load", timeout=10).json()["workers"] == WORKERS,
+            timeout=20,
+        )
         with contextlib.ExitStack() as streams:
             held = fill_one_worker(streams, f"{url}/stream?lines=100", tmp_path)
             total = sum(held.values())
