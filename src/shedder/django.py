@@ -31,7 +31,7 @@ from ._core.errors import Overloaded
 from ._core.throttler import Permit, Throttler, Waiting
 from ._core.wire import deadline_scope
 from ._web.deadlines import Deadlines
-from ._web.gate import DEFAULT_DEADLINES, Gate
+from ._web.gate import DEFAULT_DEADLINES, route_gate
 from ._web.http import (
     DEFAULT_HEALTH_PATH,
     DEFAULT_LIVE_PATH,
@@ -44,7 +44,7 @@ from ._web.http import (
     path_matches,
     shed_response,
 )
-from ._web.settings import adapter_settings, check_status_code
+from ._web.settings import adapter_settings
 
 __all__ = ["SETTING", "LoadSheddingMiddleware", "shed_load"]
 
@@ -296,15 +296,8 @@ def shed_load(
     Deadlines longer than ``deadlines.max_budget`` are cut to it unless the peer is in
     ``trusted_peers``.
     """
-    if not isinstance(throttler, Throttler):
-        raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
-    check_status_code(status_code)
-    if responder is not None and not callable(responder):
-        raise TypeError(f"responder must be callable, got {responder!r}")
-    # Encoded per refusal, never shared: middleware after the view may change a response.
-    gate: Gate[HTTPResponse] = Gate(
+    gate = route_gate(
         throttler,
-        _same,
         status_code=status_code,
         responder=responder,
         priority=priority,
@@ -377,7 +370,3 @@ def shed_load(
         return wrapper
 
     return decorate
-
-
-def _same(response: HTTPResponse) -> HTTPResponse:
-    return response

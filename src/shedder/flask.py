@@ -23,7 +23,7 @@ from ._core.errors import Overloaded
 from ._core.throttler import Permit, Throttler, Waiting, throttlers
 from ._core.wire import deadline_scope
 from ._web.deadlines import Deadlines
-from ._web.gate import DEFAULT_DEADLINES, Gate
+from ._web.gate import DEFAULT_DEADLINES, route_gate
 from ._web.http import (
     DEFAULT_HEALTH_PATH,
     HTTPResponse,
@@ -31,7 +31,6 @@ from ._web.http import (
     _json_response,
     health_response,
 )
-from ._web.settings import check_status_code
 from .wsgi import _Reclaimer
 
 __all__ = ["HealthEndpoint", "ViewDecorator", "health_view", "shed_load"]
@@ -107,15 +106,8 @@ def shed_load(
     Deadlines longer than ``deadlines.max_budget`` are cut to it unless the peer is in
     ``trusted_peers``.
     """
-    if not isinstance(throttler, Throttler):
-        raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
-    check_status_code(status_code)
-    if responder is not None and not callable(responder):
-        raise TypeError(f"responder must be callable, got {responder!r}")
-    # Encoded per refusal, never shared: after_request hooks may change a response (cookies).
-    gate: Gate[HTTPResponse] = Gate(
+    gate = route_gate(
         throttler,
-        _same,
         status_code=status_code,
         responder=responder,
         priority=priority,
@@ -193,10 +185,6 @@ def shed_load(
         return wrapper
 
     return cast(ViewDecorator, decorate)
-
-
-def _same(response: HTTPResponse) -> HTTPResponse:
-    return response
 
 
 def _hold_until_closed(rv: Any, permit: Permit, orphans: _Reclaimer) -> flask.Response:

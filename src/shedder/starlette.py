@@ -28,14 +28,13 @@ from ._core.errors import Overloaded
 from ._core.throttler import Permit, Throttler, Waiting, throttlers
 from ._core.wire import deadline_scope
 from ._web.deadlines import Deadlines
-from ._web.gate import DEFAULT_DEADLINES, Gate
+from ._web.gate import DEFAULT_DEADLINES, route_gate
 from ._web.http import (
     DEFAULT_HEALTH_PATH,
     HTTPResponse,
     ShedResponder,
     health_response,
 )
-from ._web.settings import check_status_code
 
 try:
     from starlette.concurrency import run_in_threadpool
@@ -136,14 +135,8 @@ def shed_load(
     Raises ``TypeError`` for a throttler that is not a :class:`~shedder.Throttler` or a
     generator endpoint, ``ValueError`` for a status other than 503 or 429.
     """
-    if not isinstance(throttler, Throttler):
-        raise TypeError(f"throttler must be a shedder.Throttler, got {throttler!r}")
-    check_status_code(status_code)
-    if responder is not None and not callable(responder):
-        raise TypeError(f"responder must be callable, got {responder!r}")
-    gate: Gate[HTTPResponse] = Gate(
+    gate = route_gate(
         throttler,
-        _same,
         status_code=status_code,
         responder=responder,
         priority=priority,
@@ -231,10 +224,6 @@ def shed_load(
 
 _REQUEST_PARAMETER = "shedder_request__"
 """The keyword parameter through which FastAPI hands the guard the request."""
-
-
-def _same(response: HTTPResponse) -> HTTPResponse:
-    return response
 
 
 def _no_header(name: str) -> None:

@@ -21,6 +21,7 @@ from shedder._core.checks import (
     check_callable,
     check_choice,
     check_header_name,
+    check_instance,
     check_seconds,
     check_strings,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "OutcomeOf",
     "Request",
     "default_outcome",
+    "route_gate",
 ]
 
 logger = logging.getLogger("shedder")
@@ -297,6 +299,39 @@ class Gate(Generic[E]):
                 priority,
                 ", ".join(self.throttler.priorities),
             )
+
+
+def route_gate(
+    throttler: Throttler,
+    *,
+    status_code: int,
+    responder: ShedResponder | None,
+    priority: str | None,
+    deadlines: Deadlines | None,
+    trusted_peers: Iterable[str],
+    timeout: float | None = None,
+) -> Gate[HTTPResponse]:
+    """The gate of a route decorator (Starlette, Flask, Django), arguments checked.
+
+    Its refusals are built per request, never shared: what runs after the view (Flask's
+    ``after_request``, Django's middleware) may change a response, and a shared one would leak
+    those changes between users.
+    """
+    check_instance("throttler", throttler, Throttler, "a shedder.Throttler")
+    return Gate(
+        throttler,
+        _as_is,
+        status_code=status_code,
+        responder=responder,
+        priority=priority,
+        deadlines=deadlines,
+        trusted_peers=trusted_peers,
+        timeout=timeout,
+    )
+
+
+def _as_is(response: HTTPResponse) -> HTTPResponse:
+    return response
 
 
 def _takes_request(responder: Callable[..., Any] | None) -> bool:
