@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Generator, Iterator, Mapping
-from pathlib import Path
+from collections.abc import Generator, Iterator
+from typing import Any, cast
 
 import pytest
 
-from shedder._demo.servers import Command, Ready, ServerProcess
-from tests.support.servers import REPO_DIR, StartServer, server_process
+from shedder._demo.servers import Command, ServerProcess
+from tests.support.servers import StartServer, server_process
 
 _STARTED = pytest.StashKey[list[ServerProcess]]()
 
@@ -26,32 +26,14 @@ def server(request: pytest.FixtureRequest) -> Iterator[StartServer]:
     started: list[ServerProcess] = []
     request.node.stash[_STARTED] = started
 
-    def start(
-        command: Command,
-        *,
-        ready: Ready = None,
-        env: Mapping[str, str] | None = None,
-        port: int | None = None,
-        ready_timeout: float = 30.0,
-        grace: float = 10.0,
-        log: Path | None = None,
-        cwd: Path = REPO_DIR,
-    ) -> ServerProcess:
-        process = server_process(
-            command,
-            ready=ready,
-            env=env,
-            port=port,
-            ready_timeout=ready_timeout,
-            grace=grace,
-            log=log,
-            cwd=cwd,
-        )
+    def start(command: Command, **options: Any) -> ServerProcess:
+        # The keywords are server_process's (typed by StartServer): one list, not a copy.
+        process = server_process(command, **options)
         started.append(process)
         return process.start()
 
     try:
-        yield start
+        yield cast(StartServer, start)
     finally:
         for process in reversed(started):
             process.stop()
