@@ -48,6 +48,7 @@ if str(SRC) not in sys.path:  # run from a checkout without installing
 
 import shedder.asgi  # noqa: E402
 import shedder.wsgi  # noqa: E402
+from bench_asgi_overhead import PassThrough as AsgiPassThrough  # noqa: E402  (its baseline)
 
 
 def _captured_refusal() -> tuple[int, list[tuple[bytes, bytes]], bytes]:
@@ -89,27 +90,6 @@ async def asgi_floor(scope: Any, receive: Any, send: Any) -> None:
 async def asgi_ok(scope: Any, receive: Any, send: Any) -> None:
     await send(_ASGI_200_START)
     await send(_ASGI_200_BODY)
-
-
-class AsgiPassThrough:
-    """A plain pure-ASGI middleware: wraps send in a closure that looks at each message."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = False
-
-        async def wrapped_send(message: Any) -> None:
-            nonlocal started
-            if message["type"] == "http.response.start":
-                started = True
-            await send(message)
-
-        await self.app(scope, receive, wrapped_send)
 
 
 def refusing_asgi() -> Any:
