@@ -37,6 +37,10 @@ logger = logging.getLogger("shedder")
 
 _READ_METHODS = ("GET", "HEAD")
 
+# Markers in LoadSheddingMiddleware._special: an exact exempt path, or a path not in it.
+_EXEMPT = None
+_THROTTLED: Any = object()
+
 
 class LoadSheddingMiddleware:
     """Admit, queue or refuse each request before it reaches ``app``.
@@ -110,6 +114,12 @@ class LoadSheddingMiddleware:
         self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
         self._gate = settings.gate(_encode)
         self._classify = self._gate.classify
+        self._wants_request = self._gate.responder_wants_request
+        # The quick lane, as in the ASGI middleware: a full throttler refuses before any
+        # header is read when admission reads nothing but deadlines.
+        self._refuse_full = (
+            self.throttler._quick_lane(self._gate.rank) if self._gate.deferrable else None
+        )
         self._throttler_admit = self.throttler.admit
         # Header name -> its environ key, for the headers the gate reads.
         self._wanted = {
@@ -136,8 +146,23 @@ class LoadSheddingMiddleware:
         self._not_allowed = method_not_allowed_response(_READ_METHODS)
         self._orphans = _Reclaimer()
         self._live = live_response()
+        # path -> builder of the endpoint's response, or _EXEMPT for an exact exempt path: the
+        # paths never throttled, found with one lookup per request.
+        self._special: dict[str, Callable[[WSGIEnvironment], HTTPResponse] | None] = dict.fromkeys(
+            self._exact, _EXEMPT
+        )
+        for endpoint, build in (
+            (metrics_path, self._metrics),
+            (health_path, self._health),
+            (live_path, self._alive),
+        ):
+            if endpoint is not None:
+                self._special[endpoint] = build
         self._table = settings.table
         self._server_checked = False  # the server's thread count, checked on the first request
+        # Set by shedder.gunicorn's worker, which admits before the app and passes its decision
+        # in environ["shedder.admission"]: no other server does, so no lookup without it.
+        self._server_admits = False
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
         if self._table is not None:
@@ -152,19 +177,27 @@ class LoadSheddingMiddleware:
             if warning is not None:
                 logger.warning(warning)
         path = environ.get("PATH_INFO") or "/"
-        if path == self.live_path:
-            return self._serve(environ, start_response, self._alive)
-        if path == self.health_path:
-            return self._serve(environ, start_response, self._health)
-        if path == self.metrics_path:
-            return self._serve(environ, start_response, self._metrics)
-        if path in self._exact or (self._prefixes and path.startswith(self._prefixes)):
+        special = self._special.get(path, _THROTTLED)
+        if special is not _THROTTLED:
+            if special is _EXEMPT:
+                return self.app(environ, start_response)
+            return self._serve(environ, start_response, special)
+        if self._prefixes and path.startswith(self._prefixes):
             return self.app(environ, start_response)
 
         if self._orphans.pending:
             self._orphans.reclaim()
         # Decided before the app sees the request; a refused request never reaches it.
-        decision = environ.get("shedder.admission")  # already admitted by the server's worker
+        # Already admitted (or queued) by the server's worker, if it is shedder's.
+        decision = environ.get("shedder.admission") if self._server_admits else None
+        if decision is None and self._refuse_full is not None:
+            refusal = self._refuse_full()
+            if refusal is not None:
+                # As _refuse() does, inline: this is the refusal under overload.
+                view = self._request_view(environ) if self._wants_request else None
+                status, headers, body = self._gate.refusal(refusal, view)
+                start_response(status, [*headers])
+                return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
         deadline = None
         if decision is not None and getattr(decision, "_throttler", None) is self.throttler:
             # Ours now: removing it tells the worker not to release or cancel it itself.
@@ -187,10 +220,7 @@ class LoadSheddingMiddleware:
             except Overloaded as refusal:
                 decision = refusal
         if type(decision) is Overloaded:
-            view = self._request_view(environ) if self._gate.responder_wants_request else None
-            status, headers, body = self._gate.refusal(decision, view)
-            start_response(status, list(headers))
-            return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+            return self._refuse(decision, environ, start_response)
         permit: Permit = decision  # type: ignore[assignment]  # exact-type checks above
         environ["shedder.permit"] = permit
         if deadline is not None:
@@ -207,6 +237,15 @@ class LoadSheddingMiddleware:
             if token is not None:
                 _DEADLINE.reset(token)
         return _hold_until_close(result, permit, environ, self._orphans, None)
+
+    def _refuse(
+        self, refusal: Overloaded, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> list[bytes]:
+        view = self._request_view(environ) if self._wants_request else None
+        status, headers, body = self._gate.refusal(refusal, view)
+        # A fresh header list each time: an outer middleware may append to it.
+        start_response(status, [*headers])
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
 
     # -- for server workers that decide before the environ exists (shedder.gunicorn) ------------
 
@@ -478,6 +517,10 @@ class _ReleasingIterable:
     def __iter__(self) -> Iterator[bytes]:
         if self._iterator is None:
             self._iterator = iter(self._iterable)
+        if self._outcome is None:
+            # Nobody learns how the request ended (see _track_outcome), so a body that breaks
+            # half-way needs no noting: the server iterates the app's own iterator, at C speed.
+            return self._iterator
         return self
 
     def __next__(self) -> bytes:
@@ -504,7 +547,8 @@ class _ReleasingIterable:
                 outcome: Outcome = "ignore"
             else:
                 outcome = "success" if self._outcome is None else self._outcome()
-            self._permit.release(outcome)
+            permit = self._permit
+            permit._throttler._release(permit, outcome)  # one call less than permit.release
 
     def __del__(self) -> None:
         if not self._closed:
