@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -165,17 +167,8 @@ class LoadSheddingMiddleware:
         self._server_admits = False
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if self._table is not None:
-            # In the serving process (after any fork), not at construction: see publish_all.
-            self._table.publish_all(self._health_throttlers)
-        if not self._server_checked:
-            self._server_checked = True
-            threads = _waitress_threads(environ)
-            warning = (
-                None if threads is None else _too_few_threads(self.throttler, threads, "waitress")
-            )
-            if warning is not None:
-                logger.warning(warning)
+        if self._orphans.pending:  # one flag for the rare work: see _chores
+            self._chores(environ)
         path = environ.get("PATH_INFO") or "/"
         special = self._special.get(path, _THROTTLED)
         if special is not _THROTTLED:
@@ -185,8 +178,6 @@ class LoadSheddingMiddleware:
         if self._prefixes and path.startswith(self._prefixes):
             return self.app(environ, start_response)
 
-        if self._orphans.pending:
-            self._orphans.reclaim()
         # Decided before the app sees the request; a refused request never reaches it.
         # Already admitted (or queued) by the server's worker, if it is shedder's.
         decision = environ.get("shedder.admission") if self._server_admits else None
@@ -246,6 +237,23 @@ class LoadSheddingMiddleware:
         # A fresh header list each time: an outer middleware may append to it.
         start_response(status, [*headers])
         return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+    def _chores(self, environ: WSGIEnvironment) -> None:
+        """The rare work of the request path, behind the one flag ``_orphans.pending``: give
+        back orphaned slots; in a new process (the first request, and after a fork), publish
+        to the instance table and check the server's thread count."""
+        self._orphans.reclaim()
+        if self._table is not None:
+            # In the serving process (after any fork), not at construction: see publish_all.
+            self._table.publish_all(self._health_throttlers)
+        if not self._server_checked:
+            self._server_checked = True
+            threads = _waitress_threads(environ)
+            warning = (
+                None if threads is None else _too_few_threads(self.throttler, threads, "waitress")
+            )
+            if warning is not None:
+                logger.warning(warning)
 
     # -- for server workers that decide before the environ exists (shedder.gunicorn) ------------
 
@@ -422,6 +430,16 @@ def _send(
     return [response.body]
 
 
+def _after_fork() -> None:
+    for reclaimer in list(_RECLAIMERS):
+        reclaimer.pending = True  # the child's first request publishes to the instance table
+
+
+_RECLAIMERS: weakref.WeakSet[_Reclaimer] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 class _Reclaimer:
     """Gives back the slots of responses dropped without ``close()``.
 
@@ -432,12 +450,15 @@ class _Reclaimer:
     (``SimpleQueue.put`` is reentrant-safe) and the next request releases it.
     """
 
-    __slots__ = ("_queue", "_warned", "pending")
+    __slots__ = ("__weakref__", "_queue", "_warned", "pending")
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Permit] = queue.SimpleQueue()
         self._warned = False
-        self.pending = False  # set by orphan(): the request path checks it without a call
+        # Set by orphan(), and in a new process (at first, and after a fork): the request path
+        # checks it without a call and then does its rare work (LoadSheddingMiddleware._chores).
+        self.pending = True
+        _RECLAIMERS.add(self)
 
     def orphan(self, permit: Permit) -> None:
         """From a finaliser: the response holding ``permit`` is gone."""
@@ -472,7 +493,7 @@ def _hold_until_close(
 
     ``outcome_of`` says how the request ended (None: ``"success"``), asked at release time.
     """
-    file_wrapper = environ.get("wsgi.file_wrapper")
+    file_wrapper = None if type(result) is list else environ.get("wsgi.file_wrapper")
     if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
         # Servers (gunicorn) use sendfile only for their own file wrapper type: keep the
         # object, and hook the release onto its close() instead of wrapping it.
