@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 from collections.abc import Awaitable, Callable, MutableMapping
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from ._core.checks import check_bool
@@ -230,9 +231,12 @@ class LoadSheddingMiddleware:
         self._wants_request = self._gate.responder_wants_request
         # The quick lane: when admission reads nothing but deadlines, a full throttler refuses
         # before any header is read (no deadline turns that refusal into anything else).
-        self._refuse_full = (
-            self.throttler._quick_lane(self._gate.rank) if self._gate.deferrable else None
-        )
+        quick = self._gate.quick_lane()
+        self._quick: Callable[[], tuple[int, _Headers, bytes] | None] | None = None
+        self._quick_refusal: Overloaded | None = None
+        if quick is not None:
+            self._quick, self._quick_refusal = quick
+        self._shed_log = self._gate.shed_log
         self._wanted = {name.encode("latin-1"): name for name in self._gate.header_names}
         self._throttler_admit = self.throttler.admit
         self._outcome = self._gate.outcome
@@ -266,11 +270,15 @@ class LoadSheddingMiddleware:
         if self._prefixes and path.startswith(self._prefixes):
             await self.app(scope, receive, send)
             return
-        if self._refuse_full is not None:
-            refusal = self._refuse_full()
-            if refusal is not None:
-                view = self._request_view(scope) if self._wants_request else None
-                code, headers, body = self._gate.refusal(refusal, view)
+        if self._quick is not None:
+            answer = self._quick()  # the refusal of a full throttler, before any header is read
+            if answer is not None:
+                log = self._shed_log  # logged as Gate.refusal does, inline
+                if monotonic() < log._next:
+                    log._suppressed += 1
+                else:
+                    log(self._quick_refusal)  # type: ignore[arg-type]
+                code, headers, body = answer
                 # A fresh header list each time: an outer middleware may append to it.
                 await send({"type": "http.response.start", "status": code, "headers": [*headers]})
                 await send({"type": "http.response.body", "body": body})

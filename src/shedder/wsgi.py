@@ -11,6 +11,7 @@ import os
 import queue
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 from ._core.errors import Overloaded
@@ -119,9 +120,14 @@ class LoadSheddingMiddleware:
         self._wants_request = self._gate.responder_wants_request
         # The quick lane, as in the ASGI middleware: a full throttler refuses before any
         # header is read when admission reads nothing but deadlines.
-        self._refuse_full = (
-            self.throttler._quick_lane(self._gate.rank) if self._gate.deferrable else None
+        quick = self._gate.quick_lane()
+        self._quick: Callable[[], tuple[str, tuple[tuple[str, str], ...], bytes] | None] | None = (
+            None
         )
+        self._quick_refusal: Overloaded | None = None
+        if quick is not None:
+            self._quick, self._quick_refusal = quick
+        self._shed_log = self._gate.shed_log
         self._throttler_admit = self.throttler.admit
         # Header name -> its environ key, for the headers the gate reads.
         self._wanted = {
@@ -181,13 +187,16 @@ class LoadSheddingMiddleware:
         # Decided before the app sees the request; a refused request never reaches it.
         # Already admitted (or queued) by the server's worker, if it is shedder's.
         decision = environ.get("shedder.admission") if self._server_admits else None
-        if decision is None and self._refuse_full is not None:
-            refusal = self._refuse_full()
-            if refusal is not None:
-                # As _refuse() does, inline: this is the refusal under overload.
-                view = self._request_view(environ) if self._wants_request else None
-                status, headers, body = self._gate.refusal(refusal, view)
-                start_response(status, [*headers])
+        if decision is None and self._quick is not None:
+            answer = self._quick()  # the refusal of a full throttler, before any header is read
+            if answer is not None:
+                log = self._shed_log  # logged as Gate.refusal does, inline
+                if monotonic() < log._next:
+                    log._suppressed += 1
+                else:
+                    log(self._quick_refusal)  # type: ignore[arg-type]
+                status, headers, body = answer
+                start_response(status, [*headers])  # a fresh list, as in _refuse()
                 return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
         deadline = None
         if decision is not None and getattr(decision, "_throttler", None) is self.throttler:

@@ -6,6 +6,7 @@ import asyncio
 import math
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -531,6 +532,16 @@ async def test_readme_worked_example() -> None:
 # -- the quick lane (what the adapters ask before reading a request's headers) -----------------
 
 
+def quick_lane(throttler: Throttler, priority: str) -> Callable[[], Overloaded | None]:
+    """The quick lane of class ``priority``, answering the refusal itself."""
+    rank = throttler._rank(priority)
+    refusal = throttler._quick_refusal(rank)
+    assert refusal is not None
+    lane = throttler._quick_lane(rank, refusal)
+    assert lane is not None
+    return lane
+
+
 def test_quick_lane_refuses_only_when_slots_and_queue_are_full() -> None:
     throttler = Throttler(max_concurrency=1, max_queue=1, retry_after=3)
     seen: list[tuple[str, str]] = []
@@ -540,8 +551,7 @@ def test_quick_lane_refuses_only_when_slots_and_queue_are_full() -> None:
             seen.append((reason, priority))
 
     throttler.add_listener(Shed())
-    lane = throttler._quick_lane(throttler._rank("default"))
-    assert lane is not None
+    lane = quick_lane(throttler, "default")
     assert lane() is None  # a free slot: admit() decides
     permit = throttler.acquire()
     assert lane() is None  # a free queue place
@@ -567,11 +577,7 @@ def test_quick_lane_leaves_room_making_to_admit() -> None:
     throttler = Throttler(max_concurrency=1, max_queue=1)
     permit = throttler.acquire()
     waiting = throttler.admit(priority="sheddable")
-    default, sheddable = (
-        throttler._quick_lane(throttler._rank(c)) for c in ("default", "sheddable")
-    )
-    assert default is not None
-    assert sheddable is not None
+    default, sheddable = (quick_lane(throttler, c) for c in ("default", "sheddable"))
     assert default() is None
     assert sheddable() is not None
     assert isinstance(waiting, shedder.Waiting)
@@ -585,4 +591,5 @@ def test_quick_lane_leaves_room_making_to_admit() -> None:
 )
 def test_quick_lane_is_off_where_admit_must_decide(options: dict[str, object]) -> None:
     throttler = Throttler(max_concurrency=1, max_queue=0, **options)  # type: ignore[arg-type]
-    assert throttler._quick_lane(throttler._rank("default")) is None
+    assert throttler._quick_refusal(throttler._rank("default")) is None
+    assert throttler._quick_lane(throttler._rank("default"), "answer") is None

@@ -292,7 +292,8 @@ def test_threads_through_the_quick_lane_and_admit(
     throttler = Throttler(max_concurrency=max_concurrency, max_queue=max_queue, queue_timeout=0.01)
     observer = Observer()
     throttler.add_listener(observer)
-    lane = throttler._quick_lane(throttler._rank("default"))
+    rank = throttler._rank("default")
+    lane = throttler._quick_lane(rank, throttler._quick_refusal(rank))
     assert lane is not None
     occupancy = Occupancy()
     threads_count, attempts_each = 6, 40

@@ -25,7 +25,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass, field
 from time import monotonic
 from types import MappingProxyType, TracebackType
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal, TypedDict, TypeVar
 
 from .checks import check_fraction, check_int, check_number, check_seconds
 from .disciplines import FIFO, Discipline, discipline_named
@@ -70,6 +70,8 @@ _OUTCOMES = frozenset(("success", "ignore", "dropped"))
 # mutated in place: asyncio tasks copy their parent's context, and a shared mutable stack would
 # let one task pop another's permit.
 _held: ContextVar[tuple[Permit, ...]] = ContextVar("shedder_held", default=())
+
+_A = TypeVar("_A")  # what a quick lane answers (see Throttler._quick_lane)
 
 _registry: weakref.WeakValueDictionary[int, Throttler] = weakref.WeakValueDictionary()
 _registry_ids = itertools.count()
@@ -712,27 +714,36 @@ class Throttler:
             self._notify("on_queue", name)
         return Waiting(self, queued, now, wait_for, timeout_reason, name, deadline)
 
-    def _quick_lane(self, rank: int) -> Callable[[], Overloaded | None] | None:
-        """The quick lane for arrivals of class ``rank`` with no flow and no deadline, or None
-        where it cannot decide alone (another discipline than FIFO, a Retry-After that varies,
-        or no GIL).
-
-        The lane answers the arrival's refusal when every slot is taken and the queue is full
-        with nobody of a lower class in it, else None (then decide with :meth:`admit`). The
-        adapters ask it before they read a request's headers: under overload most arrivals are
-        refused, and no deadline can turn this refusal into anything else. It takes no lock:
-        under the GIL each read is atomic, the queue is read before the slots (a waiter exists
-        only while every slot is taken, so a full queue read here means the slots were full
-        then as well), and the refusal is counted with one next() on an itertools.count.
-        A closure over what it reads, because it runs for every refused request.
-        """
+    def _quick_refusal(self, rank: int) -> Overloaded | None:
+        """The refusal the quick lane gives arrivals of class ``rank`` (see :meth:`_quick_lane`),
+        or None where there is no quick lane: another discipline than FIFO, a Retry-After that
+        varies, or no GIL."""
         if self._quick_refusals is None or not _GIL:
+            return None
+        return self._quick_refusals[rank]
+
+    def _quick_lane(self, rank: int, answer: _A) -> Callable[[], _A | None] | None:
+        """The quick lane for arrivals of class ``rank`` with no flow and no deadline, or None
+        where there is none (see :meth:`_quick_refusal`).
+
+        The lane answers ``answer`` (the caller's form of ``_quick_refusal(rank)``: the refusal
+        itself, or an adapter's encoded response) and counts the refusal when every slot is
+        taken and the queue is full with nobody of a lower class in it; else None, and
+        :meth:`admit` decides. The adapters ask it before they read a request's headers: under
+        overload most arrivals are refused, and no deadline can turn this refusal into anything
+        else. It takes no lock: under the GIL each read is atomic, the queue is read before the
+        slots (a waiter exists only while every slot is taken, so a full queue read here means
+        the slots were full then as well), and the refusal is counted with one next() on an
+        itertools.count. A closure over what it reads, because it runs for every refused
+        request.
+        """
+        refusal = self._quick_refusal(rank)
+        if refusal is None:
             return None
         queue = self._queue
         count = self._quick_counts[rank]
-        refusal = self._quick_refusals[rank]
 
-        def refuse_full() -> Overloaded | None:
+        def refuse_full() -> _A | None:
             size = queue.size
             if (
                 size < self._max_queue
@@ -743,7 +754,7 @@ class Throttler:
             next(count)
             if self._listeners:
                 self._notify("on_shed", "queue_full", 0.0, refusal.priority)
-            return refusal
+            return answer
 
         return refuse_full
 

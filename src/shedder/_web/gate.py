@@ -186,6 +186,23 @@ class Gate(Generic[E]):
         self.shed_log = ShedLog(throttler.name)
         self._unknown_class_logged = False
 
+    def quick_lane(self) -> tuple[Callable[[], E | None], Overloaded] | None:
+        """The throttler's quick lane for this gate's requests, answering the encoded refusal
+        (see ``Throttler._quick_lane``), and that refusal (for the shed log); None when there
+        is none, or when a request could change the answer (:attr:`deferrable` is False) or a
+        responder builds each refusal itself.
+
+        An adapter calls the lane first for every request, before it reads any header, and
+        logs what it answers as :meth:`refusal` would (the shed log's fast path, inline).
+        """
+        if not self.deferrable or self._responder is not None:
+            return None
+        refusal = self.throttler._quick_refusal(self.rank)
+        if refusal is None:
+            return None
+        lane = self.throttler._quick_lane(self.rank, self._encoded(refusal))
+        return None if lane is None else (lane, refusal)
+
     @property
     def deferrable(self) -> bool:
         """True when nothing a request says can change an immediate refusal: no classifier
@@ -286,6 +303,10 @@ class Gate(Generic[E]):
             if self.responder_wants_request:
                 return self._encode(self._responder(refusal, request=request))  # type: ignore[call-arg]
             return self._encode(self._responder(refusal))
+        return self._encoded(refusal)
+
+    def _encoded(self, refusal: Overloaded) -> E:
+        """The contract's refusal response for ``refusal``, encoded once (cached)."""
         # The throttler shares one refusal per kind: most lookups hit by identity.
         encoded = self._by_refusal.get(refusal)
         if encoded is not None:
