@@ -464,7 +464,13 @@ class Throttler:
         self._shed: list[dict[ShedReason, int]] = [
             dict.fromkeys(SHED_REASONS, 0) for _ in range(classes)
         ]
-        self._mean_hold = 0.0  # EWMA of slot hold times, seconds; feeds retry_after="auto"
+        self._mean_hold = 0.0  # EWMA of slot hold times, seconds (service_time)
+        # The pace of service while every slot is busy, for refusing at arrival a request that
+        # could not start before its deadline: an average of the gaps between releases made
+        # while someone waits (each hands its slot straight on), on the throttler's clock.
+        self._release_gap = 0.0
+        self._gap_samples = 0
+        self._last_busy_release: float | None = None  # None: a slot went idle since
         self._refusals: dict[tuple[ShedReason, int, int], Overloaded] = {}
         # Shared refusals, built once when retry_after is fixed: refusing allocates nothing.
         self._fixed_refusals = [
@@ -548,6 +554,13 @@ class Throttler:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    @property
+    def service_time(self) -> float | None:
+        """The observed time a slot is held, in seconds (a moving average over requests that
+        ended in ``"success"``), or None before the first one; ``Deadlines(margin="auto")``
+        keeps this much of a request's budget for its work."""
+        return self._mean_hold or None
 
     def stats(self) -> ThrottlerStats:
         """A consistent, immutable snapshot of the state and counters."""
@@ -652,6 +665,16 @@ class Throttler:
                         if self._retry_after_fixed is not None
                         else self._refusal_locked("queue_full", rank)
                     )
+                elif (
+                    deadline is not None
+                    and size
+                    and self._gap_samples >= _GAP_WARMUP
+                    and self._starts_too_late_locked(now, deadline, rank, flow)
+                ):
+                    # It could not start in time: refused now, without a waiter, rather than
+                    # at its deadline (and before anyone is evicted to make room for it).
+                    self._shed[rank]["deadline_exceeded"] += 1
+                    refusal = self._refusal_locked("deadline_exceeded", rank)
                 else:
                     evicted = []
                     refusal, wait_for = self._admission_locked(now, wait_for, rank, flow, evicted)
@@ -821,6 +844,24 @@ class Throttler:
                 self._refusals[key] = refusal
         return refusal
 
+    def _starts_too_late_locked(
+        self, now: float, deadline: float, rank: int, flow: Hashable
+    ) -> bool:
+        """Whether an arrival that must wait would start only after ``deadline``, by the
+        observed pace of service (once warmed up: see ``_GAP_WARMUP``).
+
+        Counts the waiters certainly served before it: those of higher classes, and (unless
+        the newest is served first) the earlier ones of its own flow's line; other flows of
+        its class take turns with it, so they may not all go first. An underestimate, so that
+        a request is never refused on a guess: whoever is let in and still misses its
+        deadline is refused when it passes, as before.
+        """
+        queue = self._queue
+        ahead = 0 if self._discipline.newest_first else queue.flow_count(rank, flow)
+        for higher in range(rank):
+            ahead += queue.count(higher)
+        return now + ahead * self._release_gap > deadline
+
     def _shed_stale_locked(
         self, now: float, age: float, evicted: list[tuple[Overloaded, float]]
     ) -> None:
@@ -913,15 +954,27 @@ class Throttler:
             permit._released = True
             held = now - permit.acquired_at
             self._in_flight -= 1
-            if outcome == "success" and self._retry_after_fixed is None:
-                # Only retry_after="auto" reads the mean hold time.
+            if outcome == "success":
                 self._mean_hold += 0.1 * (held - self._mean_hold) if self._mean_hold else held
             if self._limit is not None and outcome != "ignore":
                 limit = self._limit.update(held, self._in_flight + 1, outcome == "dropped")
                 if limit != self._max_concurrency:
                     self._max_concurrency = max(1, limit)
             if self._queue.size:
+                # Someone waits, so every slot was busy: the time since the last such release
+                # is one service interval (a slot that went idle in between reset the run).
+                last = self._last_busy_release
+                if last is not None:
+                    samples = self._gap_samples + 1
+                    self._gap_samples = samples
+                    # A plain mean of the first samples, then an EWMA that follows drift.
+                    self._release_gap += (now - last - self._release_gap) / min(
+                        samples, _GAP_WINDOW
+                    )
+                self._last_busy_release = now
                 self._fill_slots_locked()
+            else:
+                self._last_busy_release = None
             listeners = self._listeners
         if listeners:
             self._notify("on_release", held)
@@ -936,6 +989,8 @@ class Throttler:
             waiter.granted_at = now
             if waiter.wake(_GRANTED):
                 self._in_flight += 1
+        if self._in_flight < self._max_concurrency:
+            self._last_busy_release = None  # a slot is idle: the busy run ends
 
     def _retry_after_locked(self) -> int:
         if self._retry_after_fixed is not None:
@@ -993,6 +1048,11 @@ class Throttler:
         if self._listeners:
             self._notify("on_shed", refusal.reason, waited, refusal.priority)
 
+
+# The release pace is trusted for refusals only after this many gaps (a cold throttler never
+# refuses on a guess), and then follows an EWMA over about this many.
+_GAP_WARMUP = 8
+_GAP_WINDOW = 16
 
 # No process runs a billion requests at once; a bigger figure is a typo, and an absurd one
 # (10**5000) would break every health answer that prints it.
