@@ -465,6 +465,7 @@ class Throttler:
             dict.fromkeys(SHED_REASONS, 0) for _ in range(classes)
         ]
         self._mean_hold = 0.0  # EWMA of slot hold times, seconds (service_time)
+        self._hold_deviation = 0.0  # EWMA of their absolute deviation from it
         # The pace of service while every slot is busy, for refusing at arrival a request that
         # could not start before its deadline: an average of the gaps between releases made
         # while someone waits (each hands its slot straight on), on the throttler's clock.
@@ -554,6 +555,11 @@ class Throttler:
     @property
     def queued(self) -> int:
         return len(self._queue)
+
+    def _work_reserve(self) -> float:
+        """Seconds to keep before a deadline for the work itself: a high estimate of the hold
+        time (mean plus four mean deviations, as TCP bounds a round trip); 0.0 until known."""
+        return self._mean_hold + 4.0 * self._hold_deviation
 
     @property
     def service_time(self) -> float | None:
@@ -955,7 +961,12 @@ class Throttler:
             held = now - permit.acquired_at
             self._in_flight -= 1
             if outcome == "success":
-                self._mean_hold += 0.1 * (held - self._mean_hold) if self._mean_hold else held
+                if self._mean_hold:
+                    error = held - self._mean_hold
+                    self._mean_hold += 0.1 * error
+                    self._hold_deviation += 0.1 * (abs(error) - self._hold_deviation)
+                else:
+                    self._mean_hold = held
             if self._limit is not None and outcome != "ignore":
                 limit = self._limit.update(held, self._in_flight + 1, outcome == "dropped")
                 if limit != self._max_concurrency:

@@ -256,7 +256,7 @@ class Gate(Generic[E]):
                 on_clock = throttler._clock() + left
                 margin = deadlines.margin
                 if margin == "auto":
-                    margin = throttler._mean_hold  # the work must fit too (0.0 until known)
+                    margin = throttler._work_reserve()  # the work must fit too (0 until known)
                 wait_until = on_clock - margin
         decision = throttler.admit(
             priority=priority, flow=flow, deadline=wait_until, timeout=timeout, waiter=waiter
