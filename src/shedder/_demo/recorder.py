@@ -74,6 +74,12 @@ class Recorder:
             "estimate": _rounded(getattr(limit, "estimate", None)),
             "rtt_noload_ms": _rounded(getattr(limit, "rtt_noload", None), 1000.0),
             "probe_phase": getattr(limit, "_probe_phase", None),
+            # What deadline-aware admission works from: the pace of service while saturated
+            # and the time kept for the work (Deadlines(margin="auto")).
+            "release_gap_ms": _rounded(getattr(t, "_release_gap", None), 1000.0),
+            "work_reserve_ms": _rounded(
+                t._work_reserve() if hasattr(t, "_work_reserve") else None, 1000.0
+            ),
             "rounds_to_probe": getattr(limit, "_rounds_to_probe", None),
         }
 
