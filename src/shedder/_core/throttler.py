@@ -856,17 +856,18 @@ class Throttler:
         """Whether an arrival that must wait would start only after ``deadline``, by the
         observed pace of service (once warmed up: see ``_GAP_WARMUP``).
 
-        Counts the waiters certainly served before it: those of higher classes, and (unless
-        the newest is served first) the earlier ones of its own flow's line; other flows of
-        its class take turns with it, so they may not all go first. An underestimate, so that
-        a request is never refused on a guess: whoever is let in and still misses its
-        deadline is refused when it passes, as before.
+        With ``ahead`` waiters served before it, it starts at the ``ahead + 1``-th release
+        from now: about ``(ahead + 1) * gap`` away. Counted as ahead are only the waiters
+        certainly served first: those of higher classes and (unless the newest is served
+        first) the earlier ones of its own flow's line; other flows of its class take turns
+        with it. One first in line is never refused on the estimate. Whoever is let in and
+        still misses its deadline is refused when it passes, as before.
         """
         queue = self._queue
         ahead = 0 if self._discipline.newest_first else queue.flow_count(rank, flow)
         for higher in range(rank):
             ahead += queue.count(higher)
-        return now + ahead * self._release_gap > deadline
+        return ahead > 0 and now + (ahead + 1) * self._release_gap > deadline
 
     def _shed_stale_locked(
         self, now: float, age: float, evicted: list[tuple[Overloaded, float]]
