@@ -178,6 +178,8 @@ class Deadlines:
         if self.header is not None:
             object.__setattr__(self, "header", check_header_name("header", self.header))
         check_seconds("max_budget", self.max_budget)
+        if isinstance(self.margin, str) and self.margin != "auto":
+            raise TypeError(f'margin must be a number of seconds or "auto", got {self.margin!r}')
         if self.margin != "auto":
             # An infinite margin would refuse every request that carries a deadline.
             check_seconds("margin", self.margin, finite=True)
