@@ -633,8 +633,9 @@ class Throttler:
         The building block of :meth:`acquire` and of servers that queue a request on one
         thread and wait on another. ``priority`` is a class name (default class if None),
         ``flow`` any hashable key (None: no flow), ``deadline`` the latest useful start on the
-        throttler's clock (an arrival past it is refused with ``"deadline_exceeded"``; one that
-        would wait past it waits only until then), ``timeout`` overrides ``queue_timeout``.
+        throttler's clock (an arrival past it is refused with ``"deadline_exceeded"``, and so
+        is one that by the observed pace of service could only start after it; one that would
+        wait past it waits only until then), ``timeout`` overrides ``queue_timeout``.
         ``waiter`` says who will wait: a thread, or a task of the running event loop.
         """
         if timeout is not None:
