@@ -122,7 +122,7 @@ def test_a_slot_left_idle_ends_the_run_of_gaps() -> None:
     assert throttler._release_gap == pytest.approx(GAP)
 
 
-def test_a_waiter_that_leaves_ends_the_run_when_its_slot_goes_idle() -> None:
+def test_a_waiter_that_leaves_its_slot_idle_ends_the_run() -> None:
     clock = Clock()
     throttler = Throttler(max_concurrency=1, max_queue=50, clock=clock)
     holder = saturate(throttler, clock, releases=10)
@@ -130,7 +130,26 @@ def test_a_waiter_that_leaves_ends_the_run_when_its_slot_goes_idle() -> None:
     clock.advance(GAP)
     holder.release()  # granted to `waiting`, which then leaves: the slot is idle
     waiting.cancel()
-    assert throttler._last_busy_release is None
+    clock.advance(30.0)
+    holder = throttler.acquire()
+    waiting = queue_up(throttler, 1)[0]  # joins an empty queue: a new run
+    clock.advance(GAP)
+    holder.release()
+    waiting.wait()
+    assert throttler._release_gap == pytest.approx(GAP)
+
+
+def test_the_uncontended_path_does_not_measure_hold_times_nobody_reads() -> None:
+    clock = Clock()
+    throttler = Throttler(max_concurrency=1, clock=clock)
+    with throttler.acquire():
+        clock.advance(0.5)
+    assert throttler._mean_hold == 0.0  # nobody asked: not measured
+    assert throttler.service_time is None  # asked now: measured from here on
+    with throttler.acquire():
+        clock.advance(0.5)
+    assert throttler.service_time == 0.5
+    assert Throttler(max_concurrency=1, retry_after="auto")._track_hold
 
 
 def test_only_waiters_served_first_count() -> None:

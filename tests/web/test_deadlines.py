@@ -647,6 +647,7 @@ async def test_deadline_refusals_are_counted_in_health_and_metrics() -> None:
 def test_the_auto_margin_keeps_the_observed_service_time(margin: Any) -> None:
     now = [1000.0]
     throttler = Throttler(max_concurrency=1, clock=lambda: now[0])
+    assert throttler.service_time is None  # measured from now on
     for _ in range(3):  # three requests held 200 ms each on the throttler's clock
         with throttler.acquire():
             now[0] += 0.2

@@ -466,6 +466,9 @@ class Throttler:
         ]
         self._mean_hold = 0.0  # EWMA of slot hold times, seconds (service_time)
         self._hold_deviation = 0.0  # EWMA of their absolute deviation from it
+        # Measured only once something reads them (retry_after="auto", a deadline margin
+        # "auto", service_time): the uncontended release path is otherwise not slowed.
+        self._track_hold = self._retry_after_fixed is None
         # The pace of service while every slot is busy, for refusing at arrival a request that
         # could not start before its deadline: an average of the gaps between releases made
         # while someone waits (each hands its slot straight on), on the throttler's clock.
@@ -559,13 +562,18 @@ class Throttler:
     def _work_reserve(self) -> float:
         """Seconds to keep before a deadline for the work itself: a high estimate of the hold
         time (mean plus four mean deviations, as TCP bounds a round trip); 0.0 until known."""
+        if not self._track_hold:
+            self._track_hold = True
         return self._mean_hold + 4.0 * self._hold_deviation
 
     @property
     def service_time(self) -> float | None:
         """The observed time a slot is held, in seconds (a moving average over requests that
-        ended in ``"success"``), or None before the first one; ``Deadlines(margin="auto")``
-        keeps this much of a request's budget for its work."""
+        ended in ``"success"``), or None before the first one. Measured from the first time
+        it is needed: ``retry_after="auto"``, a request of ``Deadlines(margin="auto")`` (which
+        keeps this much, and room for its variation, of each budget for the work) or a read of
+        this property."""
+        self._track_hold = True
         return self._mean_hold or None
 
     def stats(self) -> ThrottlerStats:
@@ -962,7 +970,7 @@ class Throttler:
             permit._released = True
             held = now - permit.acquired_at
             self._in_flight -= 1
-            if outcome == "success":
+            if self._track_hold and outcome == "success":
                 if self._mean_hold:
                     error = held - self._mean_hold
                     self._mean_hold += 0.1 * error
@@ -987,7 +995,7 @@ class Throttler:
                 self._last_busy_release = now
                 self._fill_slots_locked()
             else:
-                self._last_busy_release = None
+                self._last_busy_release = None  # this slot goes idle: the run ends
             listeners = self._listeners
         if listeners:
             self._notify("on_release", held)
@@ -1003,7 +1011,7 @@ class Throttler:
             if waiter.wake(_GRANTED):
                 self._in_flight += 1
         if self._in_flight < self._max_concurrency:
-            self._last_busy_release = None  # a slot is idle: the busy run ends
+            self._last_busy_release = None  # a slot is idle: the run ends
 
     def _retry_after_locked(self) -> int:
         if self._retry_after_fixed is not None:
