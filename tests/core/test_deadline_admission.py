@@ -9,6 +9,8 @@ tasks against real time.
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from collections.abc import Hashable
 from typing import Any
 
@@ -17,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from shedder import Overloaded, Permit, Throttler, Waiting
+from shedder._core.throttler import _GAP_WARMUP
 
 from .test_priorities import Clock, Events
 from .test_throttler_stress import Observer, Occupancy, check_end_state
@@ -351,3 +354,33 @@ def test_under_steady_overload_refusals_happen_at_arrival_not_after_waiting() ->
     assert served >= 0.99 * 1000  # the slots never idled: 1 s of 2 slots x 2 ms
     assert refused_at_arrival >= 2800
     assert waited_out <= 5, (waited_out, cold_waited_out)  # 0 when written
+
+
+def test_threads_with_deadlines_lose_no_slot() -> None:
+    """Threads refused at arrival, refused at their deadline and admitted, all at once."""
+    throttler = Throttler(max_concurrency=2, max_queue=16, queue_timeout=0.05)
+    observer = Observer()
+    throttler.add_listener(observer)
+    occupancy = Occupancy()
+    start = threading.Barrier(8)
+
+    def worker(seed: int) -> None:
+        start.wait()
+        for attempt in range(40):
+            budget = (0.0005, 0.002, 0.01, None)[(seed + attempt) % 4]
+            deadline = None if budget is None else throttler._clock() + budget
+            try:
+                with throttler.acquire(deadline=deadline), occupancy:
+                    time.sleep(0.0005)
+            except Overloaded:
+                pass
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads)
+    assert occupancy.peak <= 2
+    check_end_state(throttler, observer, 8 * 40)
+    assert throttler._gap_samples >= _GAP_WARMUP  # the pace was learnt and could refuse
