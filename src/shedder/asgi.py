@@ -55,6 +55,10 @@ _MESSAGE_OVERHEAD = 256
 
 _Headers = list[tuple[bytes, bytes]]
 
+# Markers in LoadSheddingMiddleware._special: an exact exempt path, or a path not in it.
+_EXEMPT = None
+_THROTTLED: Any = object()
+
 
 def _asgi_headers(response: HTTPResponse) -> _Headers:
     return [(name.encode("latin-1"), value.encode("latin-1")) for name, value in response.headers]
@@ -63,7 +67,8 @@ def _asgi_headers(response: HTTPResponse) -> _Headers:
 async def _send_response(
     send: Send, status: int, headers: _Headers, body: bytes, prefix: str = "http"
 ) -> None:
-    await send({"type": f"{prefix}.response.start", "status": status, "headers": headers})
+    # A copy of the (maybe cached) header list: an outer middleware may append to it.
+    await send({"type": f"{prefix}.response.start", "status": status, "headers": [*headers]})
     await send({"type": f"{prefix}.response.body", "body": body})
 
 
@@ -205,20 +210,29 @@ class LoadSheddingMiddleware:
             from .prometheus import metrics_endpoint
 
             self._metrics_response = metrics_endpoint(settings.health_throttlers, metrics_registry)
-        # path -> builder of the endpoint's response; looked up once per request.
-        self._endpoints: dict[str, Callable[[Scope], HTTPResponse]] = {}
+        # path -> builder of the endpoint's response, or _EXEMPT for an exact exempt path: the
+        # paths never throttled, found with one lookup per request.
+        self._special: dict[str, Callable[[Scope], HTTPResponse] | None] = dict.fromkeys(
+            self._exact, _EXEMPT
+        )
         if metrics_path is not None:
-            self._endpoints[metrics_path] = self._metrics
+            self._special[metrics_path] = self._metrics
         if health_path is not None:
-            self._endpoints[health_path] = self._health
+            self._special[health_path] = self._health
         self._live = live_response()
         if live_path is not None:
-            self._endpoints[live_path] = self._alive
+            self._special[live_path] = self._alive
         self._table = settings.table
         not_allowed = method_not_allowed_response(_READ_METHODS)
         self._not_allowed = (not_allowed.status, _asgi_headers(not_allowed), not_allowed.body)
         self._gate = settings.gate(_encode)
         self._classify = self._gate.classify
+        self._wants_request = self._gate.responder_wants_request
+        # The quick lane: when admission reads nothing but deadlines, a full throttler refuses
+        # before any header is read (no deadline turns that refusal into anything else).
+        self._refuse_full = (
+            self.throttler._quick_lane(self._gate.rank) if self._gate.deferrable else None
+        )
         self._wanted = {name.encode("latin-1"): name for name in self._gate.header_names}
         self._throttler_admit = self.throttler.admit
         self._outcome = self._gate.outcome
@@ -242,13 +256,25 @@ class LoadSheddingMiddleware:
             # In the serving process (after any fork), not at construction: see publish_all.
             self._table.publish_all(self._health_throttlers)
         path = scope["path"]
-        endpoint = self._endpoints.get(path)
-        if endpoint is not None:
-            await self._serve(endpoint, scope, send)
+        special = self._special.get(path, _THROTTLED)
+        if special is not _THROTTLED:
+            if special is _EXEMPT:
+                await self.app(scope, receive, send)
+            else:
+                await self._serve(special, scope, send)
             return
-        if path in self._exact or (self._prefixes and path.startswith(self._prefixes)):
+        if self._prefixes and path.startswith(self._prefixes):
             await self.app(scope, receive, send)
             return
+        if self._refuse_full is not None:
+            refusal = self._refuse_full()
+            if refusal is not None:
+                view = self._request_view(scope) if self._wants_request else None
+                code, headers, body = self._gate.refusal(refusal, view)
+                # A fresh header list each time: an outer middleware may append to it.
+                await send({"type": "http.response.start", "status": code, "headers": [*headers]})
+                await send({"type": "http.response.body", "body": body})
+                return
 
         # One synchronous decision: no task, no future, unless the request really waits.
         deadline = None
@@ -267,9 +293,9 @@ class LoadSheddingMiddleware:
         pending: asyncio.Future[Message] | None = None
         if type(decision) is not Permit:  # exact types: cheaper than isinstance, never subclassed
             if type(decision) is Overloaded:
-                view = self._request_view(scope) if self._gate.responder_wants_request else None
+                view = self._request_view(scope) if self._wants_request else None
                 code, headers, body = self._gate.refusal(decision, view)
-                await send({"type": "http.response.start", "status": code, "headers": headers})
+                await send({"type": "http.response.start", "status": code, "headers": [*headers]})
                 await send({"type": "http.response.body", "body": body})
                 return
             waited = await self._wait(decision, scope, receive, send)  # type: ignore[arg-type]

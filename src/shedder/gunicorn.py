@@ -204,6 +204,7 @@ class ThreadWorker(_GThreadWorker):  # type: ignore[misc]
             )
             return
         middleware._publish()  # this worker counts in the instance's health from now on
+        middleware._server_admits = True  # it finds our decisions in environ["shedder.admission"]
         warning = _too_few_threads(middleware.throttler, self.cfg.threads, "gunicorn")
         if warning is not None:
             self.log.warning(warning)

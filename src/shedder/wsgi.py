@@ -7,7 +7,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import queue
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +38,10 @@ __all__ = ["LoadSheddingMiddleware"]
 logger = logging.getLogger("shedder")
 
 _READ_METHODS = ("GET", "HEAD")
+
+# Markers in LoadSheddingMiddleware._special: an exact exempt path, or a path not in it.
+_EXEMPT = None
+_THROTTLED: Any = object()
 
 
 class LoadSheddingMiddleware:
@@ -110,6 +116,12 @@ class LoadSheddingMiddleware:
         self._exact, self._prefixes = settings.exempt_exact, settings.exempt_prefixes
         self._gate = settings.gate(_encode)
         self._classify = self._gate.classify
+        self._wants_request = self._gate.responder_wants_request
+        # The quick lane, as in the ASGI middleware: a full throttler refuses before any
+        # header is read when admission reads nothing but deadlines.
+        self._refuse_full = (
+            self.throttler._quick_lane(self._gate.rank) if self._gate.deferrable else None
+        )
         self._throttler_admit = self.throttler.admit
         # Header name -> its environ key, for the headers the gate reads.
         self._wanted = {
@@ -136,35 +148,47 @@ class LoadSheddingMiddleware:
         self._not_allowed = method_not_allowed_response(_READ_METHODS)
         self._orphans = _Reclaimer()
         self._live = live_response()
+        # path -> builder of the endpoint's response, or _EXEMPT for an exact exempt path: the
+        # paths never throttled, found with one lookup per request.
+        self._special: dict[str, Callable[[WSGIEnvironment], HTTPResponse] | None] = dict.fromkeys(
+            self._exact, _EXEMPT
+        )
+        for endpoint, build in (
+            (metrics_path, self._metrics),
+            (health_path, self._health),
+            (live_path, self._alive),
+        ):
+            if endpoint is not None:
+                self._special[endpoint] = build
         self._table = settings.table
         self._server_checked = False  # the server's thread count, checked on the first request
+        # Set by shedder.gunicorn's worker, which admits before the app and passes its decision
+        # in environ["shedder.admission"]: no other server does, so no lookup without it.
+        self._server_admits = False
 
     def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
-        if self._table is not None:
-            # In the serving process (after any fork), not at construction: see publish_all.
-            self._table.publish_all(self._health_throttlers)
-        if not self._server_checked:
-            self._server_checked = True
-            threads = _waitress_threads(environ)
-            warning = (
-                None if threads is None else _too_few_threads(self.throttler, threads, "waitress")
-            )
-            if warning is not None:
-                logger.warning(warning)
+        if self._orphans.pending:  # one flag for the rare work: see _chores
+            self._chores(environ)
         path = environ.get("PATH_INFO") or "/"
-        if path == self.live_path:
-            return self._serve(environ, start_response, self._alive)
-        if path == self.health_path:
-            return self._serve(environ, start_response, self._health)
-        if path == self.metrics_path:
-            return self._serve(environ, start_response, self._metrics)
-        if path in self._exact or (self._prefixes and path.startswith(self._prefixes)):
+        special = self._special.get(path, _THROTTLED)
+        if special is not _THROTTLED:
+            if special is _EXEMPT:
+                return self.app(environ, start_response)
+            return self._serve(environ, start_response, special)
+        if self._prefixes and path.startswith(self._prefixes):
             return self.app(environ, start_response)
 
-        if self._orphans.pending:
-            self._orphans.reclaim()
         # Decided before the app sees the request; a refused request never reaches it.
-        decision = environ.get("shedder.admission")  # already admitted by the server's worker
+        # Already admitted (or queued) by the server's worker, if it is shedder's.
+        decision = environ.get("shedder.admission") if self._server_admits else None
+        if decision is None and self._refuse_full is not None:
+            refusal = self._refuse_full()
+            if refusal is not None:
+                # As _refuse() does, inline: this is the refusal under overload.
+                view = self._request_view(environ) if self._wants_request else None
+                status, headers, body = self._gate.refusal(refusal, view)
+                start_response(status, [*headers])
+                return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
         deadline = None
         if decision is not None and getattr(decision, "_throttler", None) is self.throttler:
             # Ours now: removing it tells the worker not to release or cancel it itself.
@@ -187,10 +211,7 @@ class LoadSheddingMiddleware:
             except Overloaded as refusal:
                 decision = refusal
         if type(decision) is Overloaded:
-            view = self._request_view(environ) if self._gate.responder_wants_request else None
-            status, headers, body = self._gate.refusal(decision, view)
-            start_response(status, list(headers))
-            return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+            return self._refuse(decision, environ, start_response)
         permit: Permit = decision  # type: ignore[assignment]  # exact-type checks above
         environ["shedder.permit"] = permit
         if deadline is not None:
@@ -207,6 +228,32 @@ class LoadSheddingMiddleware:
             if token is not None:
                 _DEADLINE.reset(token)
         return _hold_until_close(result, permit, environ, self._orphans, None)
+
+    def _refuse(
+        self, refusal: Overloaded, environ: WSGIEnvironment, start_response: StartResponse
+    ) -> list[bytes]:
+        view = self._request_view(environ) if self._wants_request else None
+        status, headers, body = self._gate.refusal(refusal, view)
+        # A fresh header list each time: an outer middleware may append to it.
+        start_response(status, [*headers])
+        return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
+
+    def _chores(self, environ: WSGIEnvironment) -> None:
+        """The rare work of the request path, behind the one flag ``_orphans.pending``: give
+        back orphaned slots; in a new process (the first request, and after a fork), publish
+        to the instance table and check the server's thread count."""
+        self._orphans.reclaim()
+        if self._table is not None:
+            # In the serving process (after any fork), not at construction: see publish_all.
+            self._table.publish_all(self._health_throttlers)
+        if not self._server_checked:
+            self._server_checked = True
+            threads = _waitress_threads(environ)
+            warning = (
+                None if threads is None else _too_few_threads(self.throttler, threads, "waitress")
+            )
+            if warning is not None:
+                logger.warning(warning)
 
     # -- for server workers that decide before the environ exists (shedder.gunicorn) ------------
 
@@ -383,6 +430,16 @@ def _send(
     return [response.body]
 
 
+def _after_fork() -> None:
+    for reclaimer in list(_RECLAIMERS):
+        reclaimer.pending = True  # the child's first request publishes to the instance table
+
+
+_RECLAIMERS: weakref.WeakSet[_Reclaimer] = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):  # not on Windows, which does not fork
+    os.register_at_fork(after_in_child=_after_fork)
+
+
 class _Reclaimer:
     """Gives back the slots of responses dropped without ``close()``.
 
@@ -393,12 +450,15 @@ class _Reclaimer:
     (``SimpleQueue.put`` is reentrant-safe) and the next request releases it.
     """
 
-    __slots__ = ("_queue", "_warned", "pending")
+    __slots__ = ("__weakref__", "_queue", "_warned", "pending")
 
     def __init__(self) -> None:
         self._queue: queue.SimpleQueue[Permit] = queue.SimpleQueue()
         self._warned = False
-        self.pending = False  # set by orphan(): the request path checks it without a call
+        # Set by orphan(), and in a new process (at first, and after a fork): the request path
+        # checks it without a call and then does its rare work (LoadSheddingMiddleware._chores).
+        self.pending = True
+        _RECLAIMERS.add(self)
 
     def orphan(self, permit: Permit) -> None:
         """From a finaliser: the response holding ``permit`` is gone."""
@@ -433,7 +493,7 @@ def _hold_until_close(
 
     ``outcome_of`` says how the request ended (None: ``"success"``), asked at release time.
     """
-    file_wrapper = environ.get("wsgi.file_wrapper")
+    file_wrapper = None if type(result) is list else environ.get("wsgi.file_wrapper")
     if isinstance(file_wrapper, type) and isinstance(result, file_wrapper):
         # Servers (gunicorn) use sendfile only for their own file wrapper type: keep the
         # object, and hook the release onto its close() instead of wrapping it.
@@ -478,6 +538,10 @@ class _ReleasingIterable:
     def __iter__(self) -> Iterator[bytes]:
         if self._iterator is None:
             self._iterator = iter(self._iterable)
+        if self._outcome is None:
+            # Nobody learns how the request ended (see _track_outcome), so a body that breaks
+            # half-way needs no noting: the server iterates the app's own iterator, at C speed.
+            return self._iterator
         return self
 
     def __next__(self) -> bytes:
@@ -504,7 +568,8 @@ class _ReleasingIterable:
                 outcome: Outcome = "ignore"
             else:
                 outcome = "success" if self._outcome is None else self._outcome()
-            self._permit.release(outcome)
+            permit = self._permit
+            permit._throttler._release(permit, outcome)  # one call less than permit.release
 
     def __del__(self) -> None:
         if not self._closed:

@@ -526,3 +526,63 @@ async def test_readme_worked_example() -> None:
     for permit in await asyncio.gather(*waiting):
         permit.release()
     assert lenient.stats().in_flight == 0
+
+
+# -- the quick lane (what the adapters ask before reading a request's headers) -----------------
+
+
+def test_quick_lane_refuses_only_when_slots_and_queue_are_full() -> None:
+    throttler = Throttler(max_concurrency=1, max_queue=1, retry_after=3)
+    seen: list[tuple[str, str]] = []
+
+    class Shed(ThrottlerListener):
+        def on_shed(self, throttler: Throttler, reason: str, waited: float, priority: str) -> None:
+            seen.append((reason, priority))
+
+    throttler.add_listener(Shed())
+    lane = throttler._quick_lane(throttler._rank("default"))
+    assert lane is not None
+    assert lane() is None  # a free slot: admit() decides
+    permit = throttler.acquire()
+    assert lane() is None  # a free queue place
+    waiting = throttler.admit()
+    assert isinstance(waiting, shedder.Waiting)
+    refusal = lane()
+    assert refusal is not None
+    assert (refusal.reason, refusal.retry_after, refusal.priority) == ("queue_full", 3, "default")
+    assert lane() is refusal  # shared: refusing allocates nothing
+    assert seen == [("queue_full", "default")] * 2
+    stats = throttler.stats()
+    assert stats.shed_total["queue_full"] == 2
+    assert stats.shed_by_priority["default"]["queue_full"] == 2
+    assert throttler.stats().shed_total["queue_full"] == 2  # reading does not count
+    waiting.cancel()
+    permit.release()
+    assert lane() is None
+
+
+def test_quick_lane_leaves_room_making_to_admit() -> None:
+    # A sheddable waiter fills the queue: a default arrival takes its place (admit() decides),
+    # while another sheddable arrival is refused by the lane.
+    throttler = Throttler(max_concurrency=1, max_queue=1)
+    permit = throttler.acquire()
+    waiting = throttler.admit(priority="sheddable")
+    default, sheddable = (
+        throttler._quick_lane(throttler._rank(c)) for c in ("default", "sheddable")
+    )
+    assert default is not None
+    assert sheddable is not None
+    assert default() is None
+    assert sheddable() is not None
+    assert isinstance(waiting, shedder.Waiting)
+    waiting.cancel()
+    permit.release()
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"queue_discipline": "codel"}, {"queue_discipline": "lifo"}, {"retry_after": "auto"}],
+)
+def test_quick_lane_is_off_where_admit_must_decide(options: dict[str, object]) -> None:
+    throttler = Throttler(max_concurrency=1, max_queue=0, **options)  # type: ignore[arg-type]
+    assert throttler._quick_lane(throttler._rank("default")) is None

@@ -276,3 +276,62 @@ def test_threads_and_tasks_with_an_adaptive_limit() -> None:
     stats = throttler.stats()
     assert (stats.in_flight, stats.queued) == (0, 0)
     assert observer.admitted + observer.shed + observer.cancelled == 8 * 40
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    max_concurrency=st.integers(1, 3),
+    max_queue=st.integers(0, 3),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_threads_through_the_quick_lane_and_admit(
+    max_concurrency: int, max_queue: int, seed: int
+) -> None:
+    """As the adapters do: the lock-free quick lane first, admit() when it does not refuse;
+    with stats() read all along. Every refusal is counted once, no slot lost or doubled."""
+    throttler = Throttler(max_concurrency=max_concurrency, max_queue=max_queue, queue_timeout=0.01)
+    observer = Observer()
+    throttler.add_listener(observer)
+    lane = throttler._quick_lane(throttler._rank("default"))
+    assert lane is not None
+    occupancy = Occupancy()
+    threads_count, attempts_each = 6, 40
+    rng = random.Random(seed)
+    plans = [[rng.choice([0.0, 0.0002, 0.001]) for _ in range(attempts_each)] for _ in range(6)]
+    start = threading.Barrier(threads_count + 1)
+    quick = [0] * threads_count
+    done = threading.Event()
+
+    def worker(index: int, plan: list[float]) -> None:
+        start.wait()
+        for hold in plan:
+            if lane() is not None:
+                quick[index] += 1
+                continue
+            try:
+                with throttler, occupancy:
+                    if hold:
+                        time.sleep(hold)
+            except Overloaded:
+                pass
+
+    def reader() -> None:
+        start.wait()
+        while not done.is_set():
+            stats = throttler.stats()
+            assert stats.in_flight <= throttler.max_concurrency
+            time.sleep(0.0005)  # a reader that polls, as a metrics scrape does
+
+    threads = [threading.Thread(target=worker, args=(i, p)) for i, p in enumerate(plans)]
+    scrape = threading.Thread(target=reader)
+    for thread in [*threads, scrape]:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    done.set()
+    scrape.join(30)
+    assert not any(thread.is_alive() for thread in [*threads, scrape])
+    assert occupancy.peak <= throttler.max_concurrency
+    check_end_state(throttler, observer, threads_count * attempts_each)
+    # The lane's refusals are in the totals once each, however often stats() was read.
+    assert throttler.stats().shed_total["queue_full"] >= sum(quick)

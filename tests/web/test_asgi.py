@@ -180,6 +180,54 @@ async def test_refusal_is_503_with_retry_after_and_json_body() -> None:
     assert calls == []
 
 
+@pytest.mark.parametrize(
+    ("throttler_options", "options"),
+    [
+        ({}, {}),  # the quick lane: a full throttler refuses before any header is read
+        ({}, {"priority_header": "x-priority"}),  # admit() decides, headers read first
+        ({"queue_discipline": "codel"}, {}),  # no quick lane for codel
+    ],
+)
+async def test_refusals_each_get_their_own_header_list(
+    throttler_options: dict[str, Any], options: dict[str, Any]
+) -> None:
+    """An outer middleware that appends to a refusal's headers changes only that response."""
+    throttler = Throttler(max_concurrency=1, max_queue=0, **throttler_options)
+    mw = LoadSheddingMiddleware(ok_app, throttler, **options)
+
+    async def outer(scope: Any, receive: Any, send: Any) -> None:
+        async def tagging_send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                message["headers"].append((b"x-request-id", b"1"))
+            await send(message)
+
+        await mw(scope, receive, tagging_send)
+
+    with throttler.acquire():
+        conns = [Conn(empty_request()) for _ in range(3)]
+        for conn in conns:
+            await outer(http_scope(headers=[("x-priority", "critical")]), conn.receive, conn.send)
+    for conn in conns:
+        assert conn.status == 503
+        start = next(m for m in conn.sent if m["type"] == "http.response.start")
+        assert [k for k, _ in start["headers"]].count(b"x-request-id") == 1
+    assert throttler.stats().shed_total["queue_full"] == 3
+
+
+async def test_full_throttler_refuses_a_request_with_an_expired_deadline_as_queue_full() -> None:
+    """The quick lane refuses before reading deadlines: no deadline changes that answer."""
+    throttler = Throttler(max_concurrency=1, max_queue=0)
+    mw = LoadSheddingMiddleware(ok_app, throttler)
+    with throttler.acquire():
+        conn = Conn(empty_request())
+        await mw(http_scope(headers=[("grpc-timeout", "0m")]), conn.receive, conn.send)
+    assert conn.status == 503
+    assert json.loads(conn.body)["reason"] == "queue_full"
+    conn = Conn(empty_request())
+    await mw(http_scope(headers=[("grpc-timeout", "0m")]), conn.receive, conn.send)
+    assert json.loads(conn.body)["reason"] == "deadline_exceeded"  # a free slot: read first
+
+
 async def test_status_code_429_and_custom_responder() -> None:
     throttler = Throttler(max_concurrency=1, max_queue=0)
 

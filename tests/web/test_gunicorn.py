@@ -426,4 +426,5 @@ def test_waitress_with_enough_threads_is_quiet(caplog: pytest.LogCaptureFixture)
     finally:
         server.close()
         thread.join(5)
-    assert not [r for r in caplog.records if r.name == "shedder"]
+    # Only the thread-count warning: caplog also hears threads left over from other tests.
+    assert not [r for r in caplog.records if r.name == "shedder" and "threads" in r.getMessage()]

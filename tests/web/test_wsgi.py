@@ -124,6 +124,47 @@ def test_refused_request_never_reaches_app(throttler: Throttler) -> None:
     assert throttler.in_flight == 0
 
 
+@pytest.mark.parametrize(
+    ("throttler_options", "options"),
+    [
+        ({}, {}),  # the quick lane: a full throttler refuses before any header is read
+        ({}, {"priority_header": "x-priority"}),  # admit() decides, headers read first
+        ({"queue_discipline": "codel"}, {}),  # no quick lane for codel
+    ],
+)
+def test_refusals_each_get_their_own_header_list(
+    throttler_options: dict[str, Any], options: dict[str, Any]
+) -> None:
+    """An outer middleware that appends to a refusal's headers changes only that response."""
+    throttler = Throttler(max_concurrency=1, max_queue=0, **throttler_options)
+    mw = LoadSheddingMiddleware(hello, throttler, **options)
+
+    def outer(environ: Environ, start_response: StartResponse) -> Iterable[bytes]:
+        def tagging_start_response(status: str, headers: Any, exc_info: Any = None) -> Any:
+            headers.append(("x-request-id", "1"))
+            return start_response(status, headers, exc_info)
+
+        return mw(environ, tagging_start_response)
+
+    with throttler.acquire():
+        answers = [call(outer, HTTP_X_PRIORITY="critical")[0] for _ in range(3)]
+    for captured in answers:
+        assert captured.status == "503 Service Unavailable"
+        assert [k for k, _ in captured.headers].count("x-request-id") == 1
+    assert throttler.stats().shed_total["queue_full"] == 3
+
+
+def test_full_throttler_refuses_a_request_with_an_expired_deadline_as_queue_full() -> None:
+    """The quick lane refuses before reading deadlines: no deadline changes that answer."""
+    throttler = Throttler(max_concurrency=1, max_queue=0)
+    mw = LoadSheddingMiddleware(hello, throttler)
+    with throttler.acquire():
+        _, body = call(mw, HTTP_GRPC_TIMEOUT="0m")
+    assert json.loads(body)["reason"] == "queue_full"
+    _, body = call(mw, HTTP_GRPC_TIMEOUT="0m")
+    assert json.loads(body)["reason"] == "deadline_exceeded"  # a free slot: read first
+
+
 def test_status_code_429(throttler: Throttler) -> None:
     mw = LoadSheddingMiddleware(hello, throttler, status_code=429)
     held = hold_slot(mw)

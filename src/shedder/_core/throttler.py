@@ -17,6 +17,7 @@ import asyncio
 import itertools
 import logging
 import math
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Hashable, Mapping, Sequence
@@ -483,6 +484,19 @@ class Throttler:
         ]
         # A plain FIFO needs no say on each congested arrival: skip the call.
         self._plain_fifo = type(self._discipline) in (Discipline, FIFO)
+        # The quick lane (_quick_lane): per class, the shared queue-full refusal it returns, or
+        # None where it cannot decide alone (another discipline, or Retry-After that varies).
+        self._quick_refusals: list[Overloaded] | None = (
+            [by_reason["queue_full"] for by_reason in self._fixed_refusals]
+            if self._plain_fifo and self._retry_after_fixed is not None
+            else None
+        )
+        # Its refusals, counted without the lock: next() on an itertools.count is one C call,
+        # which the GIL never interrupts (see _quick_lane). stats() reads a count with next()
+        # too, and keeps how often it did so in _quick_reads (under the lock) to take those
+        # reads back out.
+        self._quick_counts = [itertools.count() for _ in range(classes)]
+        self._quick_reads = [0] * classes
         self._listeners: tuple[ThrottlerListener, ...] = ()
         _registry[next(_registry_ids)] = self
 
@@ -579,8 +593,9 @@ class Throttler:
     def stats(self) -> ThrottlerStats:
         """A consistent, immutable snapshot of the state and counters."""
         with self._lock:
+            shed = self._shed_locked()
             shed_total: dict[ShedReason, int] = dict.fromkeys(SHED_REASONS, 0)
-            for counts in self._shed:
+            for counts in shed:
                 for reason, count in counts.items():
                     shed_total[reason] += count
             names = self._priorities
@@ -601,12 +616,19 @@ class Throttler:
                     dict(zip(names, self._admitted, strict=True))
                 ),
                 shed_by_priority=MappingProxyType(
-                    {
-                        name: MappingProxyType(dict(c))
-                        for name, c in zip(names, self._shed, strict=True)
-                    }
+                    {name: MappingProxyType(dict(c)) for name, c in zip(names, shed, strict=True)}
                 ),
             )
+
+    def _shed_locked(self) -> list[dict[ShedReason, int]]:
+        """Refusals per class and reason, the quick lane's included (see _quick_lane)."""
+        shed = [dict(counts) for counts in self._shed]
+        for rank, counts in enumerate(shed):
+            # next() returns the count so far (lane refusals plus earlier reads) and adds one.
+            read = next(self._quick_counts[rank])
+            counts["queue_full"] += read - self._quick_reads[rank]
+            self._quick_reads[rank] += 1
+        return shed
 
     def __repr__(self) -> str:
         return (
@@ -651,7 +673,11 @@ class Throttler:
         rank = self._default_rank if priority is None else self._rank(priority)
         now = self._clock()
         evicted: list[tuple[Overloaded, float]] | None = None
-        with self._lock:
+        # acquire/try/finally rather than ``with``: the context-manager protocol costs more than
+        # the whole refusal decision, on the path that runs for every request.
+        lock = self._lock
+        lock.acquire()
+        try:
             if deadline is not None and deadline <= now:
                 self._shed[rank]["deadline_exceeded"] += 1
                 refusal: Overloaded | None = self._refusal_locked("deadline_exceeded", rank)
@@ -680,6 +706,8 @@ class Throttler:
                         if self._retry_after_fixed is not None
                         else self._refusal_locked("queue_full", rank)
                     )
+                    if not self._listeners:
+                        return refusal
                 elif (
                     deadline is not None
                     and size
@@ -704,6 +732,8 @@ class Throttler:
                         else _AsyncWaiter(asyncio.get_running_loop())
                     )
                     self._queue.push(queued, rank, flow, now)
+        finally:
+            lock.release()
         # Listeners hear of it outside the lock (they may read stats()).
         name = self._priorities[rank]
         if evicted and self._listeners:
@@ -720,6 +750,41 @@ class Throttler:
             self._notify("on_queue", name)
         return Waiting(self, queued, now, wait_for, timeout_reason, name, deadline)
 
+    def _quick_lane(self, rank: int) -> Callable[[], Overloaded | None] | None:
+        """The quick lane for arrivals of class ``rank`` with no flow and no deadline, or None
+        where it cannot decide alone (another discipline than FIFO, a Retry-After that varies,
+        or no GIL).
+
+        The lane answers the arrival's refusal when every slot is taken and the queue is full
+        with nobody of a lower class in it, else None (then decide with :meth:`admit`). The
+        adapters ask it before they read a request's headers: under overload most arrivals are
+        refused, and no deadline can turn this refusal into anything else. It takes no lock:
+        under the GIL each read is atomic, the queue is read before the slots (a waiter exists
+        only while every slot is taken, so a full queue read here means the slots were full
+        then as well), and the refusal is counted with one next() on an itertools.count.
+        A closure over what it reads, because it runs for every refused request.
+        """
+        if self._quick_refusals is None or not _GIL:
+            return None
+        queue = self._queue
+        count = self._quick_counts[rank]
+        refusal = self._quick_refusals[rank]
+
+        def refuse_full() -> Overloaded | None:
+            size = queue.size
+            if (
+                size < self._max_queue
+                or self._in_flight < self._max_concurrency
+                or (size and queue.lowest_rank() > rank)  # a lower class waits: it makes room
+            ):
+                return None
+            next(count)
+            if self._listeners:
+                self._notify("on_shed", "queue_full", 0.0, refusal.priority)
+            return refusal
+
+        return refuse_full
+
     def try_acquire(
         self, *, priority: str | None = None, flow: Hashable = None, deadline: float | None = None
     ) -> Permit | None:
@@ -730,13 +795,17 @@ class Throttler:
         """
         rank = self._default_rank if priority is None else self._rank(priority)
         now = self._clock()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: see admit()
+        try:
             if (deadline is not None and deadline <= now) or not (
                 self._in_flight < self._max_concurrency and not self._queue.size
             ):
                 return None
             self._in_flight += 1
             self._admitted[rank] += 1
+        finally:
+            lock.release()
         permit = Permit(self, now, 0.0, self._priorities[rank], deadline)
         if self._listeners:
             self._notify("on_admit", 0.0, permit.priority)
@@ -964,7 +1033,9 @@ class Throttler:
         if outcome not in _OUTCOMES:
             raise ValueError(f"outcome must be success, ignore or dropped, got {outcome!r}")
         now = self._clock()
-        with self._lock:
+        lock = self._lock
+        lock.acquire()  # not ``with``: see admit()
+        try:
             if permit._released:
                 return False
             permit._released = True
@@ -997,6 +1068,8 @@ class Throttler:
             else:
                 self._last_busy_release = None  # this slot goes idle: the run ends
             listeners = self._listeners
+        finally:
+            lock.release()
         if listeners:
             self._notify("on_release", held)
         return True
@@ -1074,6 +1147,10 @@ class Throttler:
 # refuses on a guess), and then follows an EWMA over about this many.
 _GAP_WARMUP = 8
 _GAP_WINDOW = 16
+
+# Whether this interpreter runs with the GIL (free-threaded builds may not): the quick lane
+# counts without the lock only under it.
+_GIL: bool = getattr(sys, "_is_gil_enabled", lambda: True)()
 
 # No process runs a billion requests at once; a bigger figure is a typo, and an absurd one
 # (10**5000) would break every health answer that prints it.

@@ -172,6 +172,8 @@ class Gate(Generic[E]):
                     f"({', '.join(throttler.priorities)}), got {priority!r}"
                 )
         self.priority = priority
+        self.rank = throttler._rank(priority or throttler.default_priority)
+        """The class rank of requests that nothing else places (see :attr:`deferrable`)."""
         self._timeout = None if timeout is None else check_seconds("timeout", timeout)
         names = [] if self._priority_header is None else [self._priority_header]
         if deadlines is not None:
@@ -183,6 +185,13 @@ class Gate(Generic[E]):
         self._by_refusal: dict[Overloaded, E] = {}
         self.shed_log = ShedLog(throttler.name)
         self._unknown_class_logged = False
+
+    @property
+    def deferrable(self) -> bool:
+        """True when nothing a request says can change an immediate refusal: no classifier
+        and no priority header (deadlines only shorten waits). Adapters then ask the
+        throttler's quick lane (``_refuse_full(rank)``) before they read any header."""
+        return self.classify is None and self._priority_header is None
 
     @property
     def passive(self) -> bool:
