@@ -248,6 +248,7 @@ def _classed(
     headers: Sequence[tuple[str, str]] = (),
     stamp: bool = False,
     within_ms: float | None = None,
+    request_start: bool = False,
 ) -> list[dict[str, Any]]:
     """``classes`` = (name, load as x capacity, headers); one Poisson schedule of the sum.
 
@@ -267,6 +268,7 @@ def _classed(
             classes=mix,
             headers=headers,
             stamp_header="x-bench-scheduled" if stamp else None,
+            request_start=request_start,
         )
         point = _point(run)
         point["classes"] = summarize_classes(run.result, warmup=1.0, cooldown=1.0)
@@ -274,7 +276,11 @@ def _classed(
             point["goodput_within_pct"] = _goodput_within(run, within_ms / 1000.0)
         if "recorded" in run.extra:
             recorded = dict(run.extra["recorded"])
-            recorded.pop("samples", None)
+            samples = recorded.pop("samples", None) or []
+            for name in ("release_gap_ms", "work_reserve_ms"):
+                seen = [s[name] for s in samples if s.get(name)]
+                if seen:  # the throttler's estimates, median over the run (deadline scenario)
+                    recorded[f"{name}_median"] = _median(seen)
             point["app"] = recorded
         out.append(point)
     return out
@@ -454,12 +460,20 @@ def deadlines(
     it, with deadline support on and off (``deadlines=None``), interleaved. The run's client
     deadline (``deadline``) is not used: the clients' own is ``budget_ms``.
 
+    Configurations: the default ``Deadlines()``, the same behind a proxy that stamps
+    ``x-request-start`` (the generator does), ``Deadlines(margin=0.05)`` and ``deadlines=None``.
+
     Target (with deadlines): none reaches the app late; goodput within the deadline >= 95%.
     On a checkout without issue 16, "deadlines" is today's behaviour (no deadline support,
     only the ASGI disconnect watch) and "no deadlines" cannot start.
     """
     configs = {
         "deadlines": uvicorn_target("deadlines-on", "deadlines on", DEADLINE_OPTIONS, record=1.0),
+        # The default again, behind a "proxy" that stamps x-request-start (the generator does):
+        # the server then also knows the time a request spent before it read it.
+        "deadlines, x-request-start": uvicorn_target(
+            "deadlines-start", "Deadlines(), x-request-start", DEADLINE_OPTIONS, record=1.0
+        ),
         "deadlines, margin 50 ms": uvicorn_target(
             "deadlines-margin",
             "Deadlines(margin=0.05)",
@@ -490,6 +504,7 @@ def deadlines(
                     headers=headers,
                     stamp=True,
                     within_ms=budget_ms,
+                    request_start=key.endswith("x-request-start"),
                 )
             except ServerFailed as exc:
                 out[key] = {"error": _last_line(exc)}
@@ -499,7 +514,10 @@ def deadlines(
             app = point["app"]
             echo(
                 f"  {key} rep {rep + 1}: {app['late']} of {app['started']} reached the app late;"
-                f" goodput within {budget_ms} ms {point['goodput_within_pct']}% of capacity"
+                f" goodput within {budget_ms} ms {point['goodput_within_pct']}% of capacity;"
+                f" server CPU {point['server_cpu_pct']}%; release gap"
+                f" {app.get('release_gap_ms_median')} ms, work reserve"
+                f" {app.get('work_reserve_ms_median')} ms"
             )
     for key, runs in points.items():
         if not runs:

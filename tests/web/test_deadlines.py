@@ -168,6 +168,9 @@ def test_deadlines_settings_are_checked() -> None:
         Deadlines(margin="1")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="margin"):
         Deadlines(margin=math.inf)
+    with pytest.raises(TypeError, match='margin must be a number of seconds or "auto"'):
+        Deadlines(margin="soon")  # type: ignore[arg-type]
+    assert Deadlines().margin == "auto"
     assert Deadlines(header="X-Request-Timeout", envoy=False).header_names() == (
         "grpc-timeout",
         "x-request-timeout",
@@ -638,6 +641,31 @@ async def test_deadline_refusals_are_counted_in_health_and_metrics() -> None:
         "queue_full": 0.0,
         "queue_timeout": 0.0,
     }
+
+
+@pytest.mark.parametrize("margin", ["auto", 0.0])
+def test_the_auto_margin_keeps_the_observed_service_time(margin: Any) -> None:
+    now = [1000.0]
+    throttler = Throttler(max_concurrency=1, clock=lambda: now[0])
+    assert throttler.service_time is None  # measured from now on
+    for _ in range(3):  # three requests held 200 ms each on the throttler's clock
+        with throttler.acquire():
+            now[0] += 0.2
+    assert throttler.service_time == pytest.approx(0.2)
+
+    def inner(environ: Environ, start_response: Callable[..., Any]) -> Iterable[bytes]:
+        start_response("200 OK", [])
+        return [b""]
+
+    shedded = WSGIMiddleware(inner, throttler, deadlines=Deadlines(margin=margin))
+    short, _, body = wsgi_call(shedded, {"grpc-timeout": "150m"})
+    long, _, _ = wsgi_call(shedded, {"grpc-timeout": "300m"})
+    assert long.startswith("200")
+    if margin == "auto":  # 150 ms cannot hold 200 ms of work: refused at once
+        assert short.startswith("503")
+        assert json.loads(body)["reason"] == "deadline_exceeded"
+    else:
+        assert short.startswith("200")
 
 
 def test_a_throttler_with_its_own_clock_gets_deadlines_on_that_clock() -> None:

@@ -467,7 +467,17 @@ class Throttler:
         self._shed: list[dict[ShedReason, int]] = [
             dict.fromkeys(SHED_REASONS, 0) for _ in range(classes)
         ]
-        self._mean_hold = 0.0  # EWMA of slot hold times, seconds; feeds retry_after="auto"
+        self._mean_hold = 0.0  # EWMA of slot hold times, seconds (service_time)
+        self._hold_deviation = 0.0  # EWMA of their absolute deviation from it
+        # Measured only once something reads them (retry_after="auto", a deadline margin
+        # "auto", service_time): the uncontended release path is otherwise not slowed.
+        self._track_hold = self._retry_after_fixed is None
+        # The pace of service while every slot is busy, for refusing at arrival a request that
+        # could not start before its deadline: an average of the gaps between releases made
+        # while someone waits (each hands its slot straight on), on the throttler's clock.
+        self._release_gap = 0.0
+        self._gap_samples = 0
+        self._last_busy_release: float | None = None  # None: a slot went idle since
         self._refusals: dict[tuple[ShedReason, int, int], Overloaded] = {}
         # Shared refusals, built once when retry_after is fixed: refusing allocates nothing.
         self._fixed_refusals = [
@@ -565,6 +575,23 @@ class Throttler:
     def queued(self) -> int:
         return len(self._queue)
 
+    def _work_reserve(self) -> float:
+        """Seconds to keep before a deadline for the work itself: a high estimate of the hold
+        time (mean plus four mean deviations, as TCP bounds a round trip); 0.0 until known."""
+        if not self._track_hold:
+            self._track_hold = True
+        return self._mean_hold + 4.0 * self._hold_deviation
+
+    @property
+    def service_time(self) -> float | None:
+        """The observed time a slot is held, in seconds (a moving average over requests that
+        ended in ``"success"``), or None before the first one. Measured from the first time
+        it is needed: ``retry_after="auto"``, a request of ``Deadlines(margin="auto")`` (which
+        keeps this much, and room for its variation, of each budget for the work) or a read of
+        this property."""
+        self._track_hold = True
+        return self._mean_hold or None
+
     def stats(self) -> ThrottlerStats:
         """A consistent, immutable snapshot of the state and counters."""
         with self._lock:
@@ -638,8 +665,9 @@ class Throttler:
         The building block of :meth:`acquire` and of servers that queue a request on one
         thread and wait on another. ``priority`` is a class name (default class if None),
         ``flow`` any hashable key (None: no flow), ``deadline`` the latest useful start on the
-        throttler's clock (an arrival past it is refused with ``"deadline_exceeded"``; one that
-        would wait past it waits only until then), ``timeout`` overrides ``queue_timeout``.
+        throttler's clock (an arrival past it is refused with ``"deadline_exceeded"``, and so
+        is one that by the observed pace of service could only start after it; one that would
+        wait past it waits only until then), ``timeout`` overrides ``queue_timeout``.
         ``waiter`` says who will wait: a thread, or a task of the running event loop.
         """
         if timeout is not None:
@@ -682,6 +710,16 @@ class Throttler:
                     )
                     if not self._listeners:
                         return refusal
+                elif (
+                    deadline is not None
+                    and size
+                    and self._gap_samples >= _GAP_WARMUP
+                    and self._starts_too_late_locked(now, deadline, rank, flow)
+                ):
+                    # It could not start in time: refused now, without a waiter, rather than
+                    # at its deadline (and before anyone is evicted to make room for it).
+                    self._shed[rank]["deadline_exceeded"] += 1
+                    refusal = self._refusal_locked("deadline_exceeded", rank)
                 else:
                     evicted = []
                     refusal, wait_for = self._admission_locked(now, wait_for, rank, flow, evicted)
@@ -901,6 +939,25 @@ class Throttler:
                 self._refusals[key] = refusal
         return refusal
 
+    def _starts_too_late_locked(
+        self, now: float, deadline: float, rank: int, flow: Hashable
+    ) -> bool:
+        """Whether an arrival that must wait would start only after ``deadline``, by the
+        observed pace of service (once warmed up: see ``_GAP_WARMUP``).
+
+        With ``ahead`` waiters served before it, it starts at the ``ahead + 1``-th release
+        from now: about ``(ahead + 1) * gap`` away. Counted as ahead are only the waiters
+        certainly served first: those of higher classes and (unless the newest is served
+        first) the earlier ones of its own flow's line; other flows of its class take turns
+        with it. One first in line is never refused on the estimate. Whoever is let in and
+        still misses its deadline is refused when it passes, as before.
+        """
+        queue = self._queue
+        ahead = 0 if self._discipline.newest_first else queue.flow_count(rank, flow)
+        for higher in range(rank):
+            ahead += queue.count(higher)
+        return ahead > 0 and now + (ahead + 1) * self._release_gap > deadline
+
     def _shed_stale_locked(
         self, now: float, age: float, evicted: list[tuple[Overloaded, float]]
     ) -> None:
@@ -995,15 +1052,32 @@ class Throttler:
             permit._released = True
             held = now - permit.acquired_at
             self._in_flight -= 1
-            if outcome == "success" and self._retry_after_fixed is None:
-                # Only retry_after="auto" reads the mean hold time.
-                self._mean_hold += 0.1 * (held - self._mean_hold) if self._mean_hold else held
+            if self._track_hold and outcome == "success":
+                if self._mean_hold:
+                    error = held - self._mean_hold
+                    self._mean_hold += 0.1 * error
+                    self._hold_deviation += 0.1 * (abs(error) - self._hold_deviation)
+                else:
+                    self._mean_hold = held
             if self._limit is not None and outcome != "ignore":
                 limit = self._limit.update(held, self._in_flight + 1, outcome == "dropped")
                 if limit != self._max_concurrency:
                     self._max_concurrency = max(1, limit)
             if self._queue.size:
+                # Someone waits, so every slot was busy: the time since the last such release
+                # is one service interval (a slot that went idle in between reset the run).
+                last = self._last_busy_release
+                if last is not None:
+                    samples = self._gap_samples + 1
+                    self._gap_samples = samples
+                    # A plain mean of the first samples, then an EWMA that follows drift.
+                    self._release_gap += (now - last - self._release_gap) / min(
+                        samples, _GAP_WINDOW
+                    )
+                self._last_busy_release = now
                 self._fill_slots_locked()
+            else:
+                self._last_busy_release = None  # this slot goes idle: the run ends
             listeners = self._listeners
         finally:
             lock.release()
@@ -1020,6 +1094,8 @@ class Throttler:
             waiter.granted_at = now
             if waiter.wake(_GRANTED):
                 self._in_flight += 1
+        if self._in_flight < self._max_concurrency:
+            self._last_busy_release = None  # a slot is idle: the run ends
 
     def _retry_after_locked(self) -> int:
         if self._retry_after_fixed is not None:
@@ -1077,6 +1153,11 @@ class Throttler:
         if self._listeners:
             self._notify("on_shed", refusal.reason, waited, refusal.priority)
 
+
+# The release pace is trusted for refusals only after this many gaps (a cold throttler never
+# refuses on a guess), and then follows an EWMA over about this many.
+_GAP_WARMUP = 8
+_GAP_WINDOW = 16
 
 # Whether this interpreter runs with the GIL (free-threaded builds may not): the quick lane
 # counts without the lock only under it.

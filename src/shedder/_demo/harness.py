@@ -278,10 +278,12 @@ def run_point(
     classes: Sequence[RequestClass] | None = None,
     headers: Sequence[tuple[str, str]] = (),
     stamp_header: str | None = None,
+    request_start: bool = False,
 ) -> PointRun:
     """Start ``target``'s server, offer ``load_factor`` x capacity for ``duration`` s, stop it.
 
-    ``classes``, ``headers`` and ``stamp_header`` go to the :class:`LoadGenerator`. When the
+    ``classes``, ``headers``, ``stamp_header`` and ``request_start`` go to the
+    :class:`LoadGenerator`. When the
     app records (``target.app.record``), its ``/bench/stats`` are read before the server stops
     and kept in ``extra["recorded"]``, with the generator's start time in ``extra["t0"]``.
     """
@@ -297,6 +299,7 @@ def run_point(
             classes=classes,
             headers=headers,
             stamp_header=stamp_header,
+            request_start=request_start,
         )
         cpu_before = server.cpu_seconds() or 0.0
         started = time.monotonic()

@@ -23,6 +23,7 @@ import errno
 import math
 import random
 import socket
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -302,6 +303,8 @@ class LoadGenerator:
         stamp_header: if set, every request carries this header with its scheduled send time
             (``time.monotonic()`` seconds, the clock every process on the host shares), so
             the server can tell how long after it a request reached the app.
+        request_start: if true, every request also carries ``x-request-start: t=<µs>``, the
+            wall-clock time it is sent, as a proxy in front (nginx, Heroku's router) stamps it.
     """
 
     def __init__(
@@ -318,6 +321,7 @@ class LoadGenerator:
         classes: Sequence[RequestClass] | None = None,
         headers: Sequence[tuple[str, str]] = (),
         stamp_header: str | None = None,
+        request_start: bool = False,
     ) -> None:
         if not deadline > 0:
             raise ValueError(f"deadline must be > 0 seconds, got {deadline}")
@@ -339,6 +343,7 @@ class LoadGenerator:
         self.classes = tuple(classes or ())
         self._heads = [head + _header_lines(c.headers) for c in self.classes] or [head]
         self._stamp = stamp_header
+        self._request_start = request_start
         self._class_of: list[int] = []
         if self.classes:
             picker = random.Random(None if seed is None else f"classes-{seed}")
@@ -378,9 +383,12 @@ class LoadGenerator:
     def request_for(self, index: int) -> bytes:
         """The bytes of request ``index``: its class's headers, and its stamp if asked for."""
         kind = self._class_of[index] if self._class_of else 0
-        if self._stamp is None:
+        if self._stamp is None and not self._request_start:
             return self._requests[kind]
-        stamp = f"{self._stamp}: {self._starts[index]:.6f}\r\n\r\n"
+        stamp = "" if self._stamp is None else f"{self._stamp}: {self._starts[index]:.6f}\r\n"
+        if self._request_start:
+            stamp += f"x-request-start: t={int(time.time() * 1e6)}\r\n"
+        stamp += "\r\n"
         return (self._heads[kind] + stamp).encode("latin-1")
 
     def finish(self, index: int, outcome: str, status: int, error: str | None) -> None:

@@ -74,6 +74,10 @@ class Recorder:
             "estimate": _rounded(getattr(limit, "estimate", None)),
             "rtt_noload_ms": _rounded(getattr(limit, "rtt_noload", None), 1000.0),
             "probe_phase": getattr(limit, "_probe_phase", None),
+            # What deadline-aware admission works from: the pace of service while saturated
+            # and the time kept for the work (Deadlines(margin="auto")).
+            "release_gap_ms": _rounded(getattr(t, "_release_gap", None), 1000.0),
+            "work_reserve_ms": _rounded(_work_reserve(t), 1000.0),
             "rounds_to_probe": getattr(limit, "_rounds_to_probe", None),
         }
 
@@ -121,6 +125,16 @@ class Recorder:
                 "late_max_ms": _rounded(lateness[-1], 1000) if lateness else None,
                 "samples": list(self.samples),
             }
+
+
+def _work_reserve(throttler: Any) -> float | None:
+    """The auto margin, read without switching on its measurement (as ``_work_reserve()``
+    would: a throttler without deadlines must not start measuring for the instrument)."""
+    mean = getattr(throttler, "_mean_hold", None)
+    deviation = getattr(throttler, "_hold_deviation", None)
+    if not isinstance(mean, float) or not isinstance(deviation, float):
+        return None
+    return mean + 4.0 * deviation
 
 
 def _rounded(value: Any, scale: float = 1.0) -> float | None:

@@ -24,6 +24,7 @@ import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Literal
 
 from shedder._core.checks import check_bool, check_header_name, check_seconds
 
@@ -156,7 +157,9 @@ class Deadlines:
             ``trusted_peers``, in seconds (a longer one is cut to this).
         margin: seconds kept for the work itself: a request waits for a slot at most until
             ``deadline - margin`` (one that arrives with less than ``margin`` left is refused
-            at once). The deadline the app sees is not moved by it.
+            at once). ``"auto"`` (the default): the throttler's observed service time
+            (:attr:`shedder.Throttler.service_time`; nothing before the first request is
+            served). The deadline the app sees is not moved by it.
 
     The first of ``grpc-timeout``, Envoy's header and ``header`` present and well formed gives
     the budget. ``TypeError`` or ``ValueError`` for a bad setting, naming it.
@@ -167,7 +170,7 @@ class Deadlines:
     header: str | None = None
     request_start: bool = True
     max_budget: float = 60.0
-    margin: float = 0.0
+    margin: float | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         for name in ("grpc_timeout", "envoy", "request_start"):
@@ -175,8 +178,11 @@ class Deadlines:
         if self.header is not None:
             object.__setattr__(self, "header", check_header_name("header", self.header))
         check_seconds("max_budget", self.max_budget)
-        # An infinite margin would refuse every request that carries a deadline.
-        check_seconds("margin", self.margin, finite=True)
+        if isinstance(self.margin, str) and self.margin != "auto":
+            raise TypeError(f'margin must be a number of seconds or "auto", got {self.margin!r}')
+        if self.margin != "auto":
+            # An infinite margin would refuse every request that carries a deadline.
+            check_seconds("margin", self.margin, finite=True)
 
     def header_names(self) -> tuple[str, ...]:
         """The (lower-case) request headers these settings read."""

@@ -280,7 +280,10 @@ class Gate(Generic[E]):
                 # The app and the client read time.monotonic(); the throttler its own clock.
                 deadline = time.monotonic() + left
                 on_clock = throttler._clock() + left
-                wait_until = on_clock - deadlines.margin
+                margin = deadlines.margin
+                if margin == "auto":
+                    margin = throttler._work_reserve()  # the work must fit too (0 until known)
+                wait_until = on_clock - margin
         decision = throttler.admit(
             priority=priority, flow=flow, deadline=wait_until, timeout=timeout, waiter=waiter
         )
