@@ -169,8 +169,13 @@ def compare(
                     break
                 best = load
                 load = next(ladder, sustain_max + 1) if ladder else load * 2
-            sustainable[target.key] = {"largest_sustained": best, "stopped_at": load}
-            echo(f"  {target.label}: largest sustainable overload {best}x (tried up to {load:g}x)")
+            tried = max(raw[target.key])
+            sustainable[target.key] = {
+                "largest_sustained": best,
+                "stopped_at": load,
+                "largest_tried": tried,
+            }
+            echo(f"  {target.label}: largest sustainable overload {best}x (tried up to {tried:g}x)")
     return {"medians": medians, "runs": raw, "holds": holds, "sustainable": sustainable}
 
 
