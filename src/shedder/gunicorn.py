@@ -274,8 +274,8 @@ class ThreadWorker(_GThreadWorker):  # type: ignore[misc]
         """Take up to :data:`_ACCEPT_BATCH` new connections and decide each at once.
 
         A connection whose request is already here is admitted or refused before it becomes a
-        gunicorn connection object: a refusal costs the accept, one peek, the send and the
-        close. One that has not spoken yet waits on the poller.
+        gunicorn connection object: a refusal costs the accept, one peek, the send, one read
+        and the close. One that has not spoken yet waits on the poller.
         """
         middleware = self.shedder_middleware
         if middleware is None:
