@@ -10,8 +10,10 @@ overload.json, overload.md and overload.png to benchmarks/results/ (git-ignored)
 --results says otherwise. See README.md beside this file for the method and the settings.
 
 ``--compare A B``: the two configurations interleaved (A B A B A B per load) at ``--loads``
-(default 2 4 8), medians of ``--reps``, then each one's largest sustainable overload; writes
-compare.json. ``--scenario``: see scenarios.py; writes scenario-<name>.json.
+(default 2 4 8), medians of ``--reps``, how far each holds over those loads (goodput, and
+answers within the deadline), then each one's largest sustainable overload (doubling from 2x,
+or ``--sustain-loads``; none with ``--no-sustain``); writes compare.json. ``--scenario``: see
+scenarios.py; writes scenario-<name>.json.
 """
 
 from __future__ import annotations
@@ -67,7 +69,14 @@ def run_scenarios(args: argparse.Namespace, targets: list[Any]) -> None:
         chosen = [by_key[k] for k in args.compare]
         loads = args.loads if args.loads_given else [2.0, 4.0, 8.0]
         out = scenarios.compare(
-            chosen, loads, reps=args.reps, duration=seconds, **common, sustain_max=args.sustain_max
+            chosen,
+            loads,
+            reps=args.reps,
+            duration=seconds,
+            **common,
+            sustain_from=None if args.no_sustain else 2.0,
+            sustain_max=args.sustain_max,
+            sustain_loads=args.sustain_loads,
         )
         _write(args.results, "compare", out, loadavg)
     for name in args.scenario or ():
@@ -109,6 +118,15 @@ def main() -> int:
     parser.add_argument("--compare", nargs=2, choices=keys, metavar="KEY", help="A B interleaved")
     parser.add_argument("--reps", type=int, default=3, help="repetitions (--compare, --scenario)")
     parser.add_argument("--sustain-max", type=float, default=32.0, help="x capacity, --compare")
+    parser.add_argument(
+        "--sustain-loads",
+        type=float,
+        nargs="+",
+        help="--compare: the sustain ladder (x capacity) instead of doubling from 2",
+    )
+    parser.add_argument(
+        "--no-sustain", action="store_true", help="--compare: no sustain ladder, --loads only"
+    )
     parser.add_argument("--scenario", nargs="+", choices=SCENARIOS)
     parser.add_argument("--options", help="coldstart: shedder options, JSON")
     parser.add_argument("--label", default="zero-config", help="coldstart: the options' name")

@@ -67,6 +67,15 @@ def _point(run: PointRun, warmup: float = 1.0, cooldown: float = 1.0) -> dict[st
         "p99_shed_ms": s.p99_shed_ms,
         "server_cpu_pct": s.server_cpu_pct,
         "send_lag_p99_ms": s.send_lag_p99_ms,
+        # Answered (2xx or a refusal) within the deadline: what a server that only refuses
+        # (the trivial 503 app) keeps up with; below 95% it has collapsed.
+        "answered_pct": round(100.0 * (s.ok + s.shed) / s.sent, 2) if s.sent else None,
+        # Server CPU per request sent over the whole point, warm-up and cool-down included.
+        "cpu_us_per_request": (
+            round(1e6 * run.server_cpu / len(run.result.scheduled), 1)
+            if run.server_cpu is not None and run.result.scheduled
+            else None
+        ),
     }
 
 
@@ -88,13 +97,18 @@ def compare(
     sustain_from: float | None = 2.0,
     sustain_max: float = 32.0,
     sustain_pct: float = 95.0,
+    sustain_loads: Sequence[float] | None = None,
 ) -> dict[str, Any]:
     """Every target at every load, ``reps`` times, interleaved; medians per target and load.
 
     Then, unless ``sustain_from`` is None, each target's largest sustainable overload: the
-    offered load doubles from ``sustain_from`` (reusing the comparison's points) until the
-    median goodput of ``reps`` runs falls below ``sustain_pct`` % of capacity, or
-    ``sustain_max`` is passed. The generator's own limit shows as ``send_lag_p99_ms``.
+    offered load doubles from ``sustain_from`` (or climbs ``sustain_loads``, if given),
+    reusing the comparison's points, until the median goodput of ``reps`` runs falls below
+    ``sustain_pct`` % of capacity, or ``sustain_max`` is passed. The generator's own limit
+    shows as ``send_lag_p99_ms``. ``holds`` gives, from the interleaved loads alone, each
+    target's largest load up to which every median goodput, and every median share answered
+    within the deadline (``answered_pct``: what a server that only refuses keeps up with),
+    stays at or above ``sustain_pct``, and the first load where each falls below.
     """
     raw: dict[str, dict[float, list[dict[str, Any]]]] = {t.key: {} for t in targets}
 
@@ -107,7 +121,8 @@ def compare(
         echo(
             f"  {target.label:<34} {load:>4g}x rep {rep + 1}: goodput {point['goodput_pct']:5.1f}%"
             f"  p99 ok {point['p99_ok_ms']} ms  p99 shed {point['p99_shed_ms']} ms"
-            f"  send lag p99 {point['send_lag_p99_ms']} ms"
+            f"  send lag p99 {point['send_lag_p99_ms']} ms  answered {point['answered_pct']}%"
+            f"  cpu {point['cpu_us_per_request']} us/request"
         )
         return point
 
@@ -120,10 +135,26 @@ def compare(
         key: {str(load): _medians(points) for load, points in by_load.items()}
         for key, by_load in raw.items()
     }
+    holds = {
+        target.key: {
+            metric: _holds([(load, medians[target.key][str(load)][metric]) for load in loads])
+            for metric in ("goodput_pct", "answered_pct")
+        }
+        for target in targets
+    }
+    for target in targets:
+        for metric, held in holds[target.key].items():
+            up_to, below = held["up_to"], held["first_below"]
+            echo(
+                f"  {target.label}: {metric} >= {sustain_pct:g}% up to"
+                f" {'-' if up_to is None else f'{up_to:g}x'}"
+                f" (first below: {'-' if below is None else f'{below:g}x'})"
+            )
     sustainable: dict[str, Any] = {}
     if sustain_from is not None:
         for target in targets:
-            load = sustain_from
+            ladder = iter(sustain_loads) if sustain_loads else None
+            load = next(ladder, sustain_max + 1) if ladder else sustain_from
             best: float | None = None
             while load <= sustain_max:
                 if load not in raw[target.key]:
@@ -134,10 +165,25 @@ def compare(
                 if (median["goodput_pct"] or 0.0) < sustain_pct:
                     break
                 best = load
-                load *= 2
-            sustainable[target.key] = {"largest_sustained": best, "stopped_at": load}
-            echo(f"  {target.label}: largest sustainable overload {best}x (tried up to {load:g}x)")
-    return {"medians": medians, "runs": raw, "sustainable": sustainable}
+                load = next(ladder, sustain_max + 1) if ladder else load * 2
+            tried = max(raw[target.key])
+            sustainable[target.key] = {
+                "largest_sustained": best,
+                "stopped_at": load,
+                "largest_tried": tried,
+            }
+            echo(f"  {target.label}: largest sustainable overload {best}x (tried up to {tried:g}x)")
+    return {"medians": medians, "runs": raw, "holds": holds, "sustainable": sustainable}
+
+
+def _holds(points: Sequence[tuple[float, float | None]], pct: float = 95.0) -> dict[str, Any]:
+    """The largest load up to which every value is >= ``pct``, and the first load below."""
+    up_to: float | None = None
+    for load, value in sorted(points):
+        if value is None or value < pct:
+            return {"up_to": up_to, "first_below": load}
+        up_to = load
+    return {"up_to": up_to, "first_below": None}
 
 
 # -- cold start ----------------------------------------------------------------------------------

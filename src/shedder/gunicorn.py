@@ -14,11 +14,16 @@ using a thread. So the pool holds at most ``max_concurrency + max_queue`` thrott
 (plus the health, metrics and exempt ones, which are never refused here), and the time a
 request waits for a thread counts against ``queue_timeout``; the app finds it in
 ``environ["shedder.queued_in_server"]`` (seconds). Needs the ``gunicorn`` extra.
+
+A refusal costs what it must and little more: new connections are accepted in batches, a
+refused one never becomes a gunicorn connection object, and one whose request is complete and
+carries no body is answered and closed at once (no lingering, no poller registration).
 """
 
 from __future__ import annotations
 
 import email.utils
+import errno
 import os
 import selectors
 import socket
@@ -31,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote_to_bytes
 
 try:
+    from gunicorn.workers.gthread import TConn
     from gunicorn.workers.gthread import ThreadWorker as _GThreadWorker
 except ImportError:  # pragma: no cover - exercised only without the extra
     raise ImportError(
@@ -57,6 +63,13 @@ _FIRST_BYTES_WAIT = 5.0
 _LINGER_SECONDS = 2.0
 _LINGER_BYTES = 65536
 _REFUSAL_CACHE_SIZE = 1024
+# New connections taken per wake-up of the listener: one poll, one heartbeat and one pass over
+# the timeouts for up to this many, which is what lets refusals keep up when they pile up. Small
+# enough that the other events (threads handing connections back) wait at most a few ms.
+_ACCEPT_BATCH = 32
+_PEEK_NOW = int(socket.MSG_PEEK | socket.MSG_DONTWAIT)
+_NOW = int(socket.MSG_DONTWAIT)
+_ACCEPT_RETRY = (errno.EAGAIN, errno.EWOULDBLOCK, errno.ECONNABORTED, errno.EINTR)
 _ATTRIBUTES = ("app", "wsgi_app", "application", "__wrapped__")
 
 
@@ -106,20 +119,41 @@ class _Ticket:
             decision.release("ignore")  # the request never ran: no latency sample
 
 
+class _Linger:
+    """A refused socket draining before it closes: until when, and how much it has read."""
+
+    __slots__ = ("drained", "until")
+
+    def __init__(self, until: float) -> None:
+        self.until = until
+        self.drained = 0
+
+
 class _Head:
-    """The parts of a peeked request head that admission needs."""
+    """The parts of a peeked request head that admission and a refusal need."""
 
-    __slots__ = ("headers", "method", "path")
+    __slots__ = ("headers", "length", "method", "path")
 
-    def __init__(self, method: bytes, path: str, headers: dict[str, str]) -> None:
+    def __init__(self, method: bytes, path: str, headers: dict[str, str], length: int) -> None:
         self.method = method
         self.path = path
         self.headers = headers
+        # Bytes of the head if it is complete and announces no body, else 0: only then can a
+        # refusal close the connection at once (nothing more is coming to cause a reset).
+        self.length = length
 
 
-def _parse_head(data: bytes, header_names: Iterable[str], script_name: str) -> _Head | None:
-    """The request's method, ``PATH_INFO`` and wanted headers, or None to take the normal path
-    (head incomplete, not HTTP/1.x, or a request target this worker does not interpret)."""
+def _header_needles(names: Iterable[str]) -> tuple[tuple[str, bytes], ...]:
+    """What :func:`_parse_head` looks for to find each of the (lower-case) header ``names``."""
+    return tuple((name, b"\n" + name.encode("latin-1") + b":") for name in names)
+
+
+def _parse_head(
+    data: bytes, needles: tuple[tuple[str, bytes], ...], script_name: str
+) -> _Head | None:
+    """The request's method, ``PATH_INFO`` and wanted headers (``needles``, from
+    :func:`_header_needles`), or None to take the normal path (head incomplete, not HTTP/1.x,
+    or a request target this worker does not interpret)."""
     end = data.find(b"\n")
     if end < 0:
         return None
@@ -133,27 +167,38 @@ def _parse_head(data: bytes, header_names: Iterable[str], script_name: str) -> _
             return None  # "*" (OPTIONS) or an authority (CONNECT)
         slash = target.find(b"/", scheme + 3)
         target = b"/" if slash < 0 else target[slash:]
-    target = target.split(b"?", 1)[0].split(b"#", 1)[0]
-    path = unquote_to_bytes(target).decode("latin-1")  # what gunicorn puts in PATH_INFO
+    if b"?" in target:
+        target = target.split(b"?", 1)[0]
+    if b"#" in target:
+        target = target.split(b"#", 1)[0]
+    # What gunicorn puts in PATH_INFO.
+    path = (unquote_to_bytes(target) if b"%" in target else target).decode("latin-1")
     if script_name:
         if not path.startswith(script_name):
             return None  # gunicorn refuses it; let it
         path = path[len(script_name) :]
+    block_end = data.find(b"\r\n\r\n", end - 1)
+    length = block_end + 4
+    if block_end < 0:
+        block_end = data.find(b"\n\n", end)
+        length = block_end + 2
+    if block_end < 0:
+        if needles:
+            return None  # headers still arriving: the middleware reads them in the thread
+        return _Head(method, path, {}, 0)
+    # From the request line's end: each header line starts with a newline. Field names admit
+    # no whitespace before the colon (RFC 9112), so one search per wanted name finds it.
+    lowered = data[end:block_end].lower()
+    if b"\ncontent-length:" in lowered or b"\ntransfer-encoding:" in lowered:
+        length = 0  # a body may follow (or not: a refusal lingers either way)
     headers: dict[str, str] = {}
-    wanted = frozenset(header_names)
-    if wanted:
-        block_end = data.find(b"\r\n\r\n", end)
-        if block_end < 0:
-            block_end = data.find(b"\n\n", end)
-            if block_end < 0:
-                return None  # headers still arriving: the middleware reads them in the thread
-        for line in data[end + 1 : block_end].split(b"\n"):
-            name, colon, value = line.partition(b":")
-            if colon:
-                key = name.strip().lower().decode("latin-1")
-                if key in wanted:
-                    headers[key] = value.strip().decode("latin-1")
-    return _Head(method, path, headers)
+    for name, needle in needles:
+        at = lowered.rfind(needle)  # the last one, as before
+        if at >= 0:
+            start = end + at + len(needle)
+            stop = data.find(b"\n", start)  # there is one: the head's end
+            headers[name] = data[start:stop].strip().decode("latin-1")
+    return _Head(method, path, headers, length)
 
 
 def _encode_refusal(
@@ -182,14 +227,16 @@ class ThreadWorker(_GThreadWorker):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.shedder_middleware: LoadSheddingMiddleware | None = None
         """The middleware whose throttler admits requests (None: plain gthread)."""
-        self._header_names: tuple[str, ...] = ()
+        self._header_needles: tuple[tuple[str, bytes], ...] = ()
         self._script_name = ""
         self._local = threading.local()
         # Connections (insertion-ordered, so oldest first) and when each stops waiting.
         self._awaiting: dict[Any, float] = {}  # new ones, until their first bytes arrive
-        self._lingering: dict[Any, float] = {}  # refused ones, draining before close
-        self._refusals: dict[tuple[Any, ...], bytes] = {}
+        self._lingering: dict[Any, _Linger] = {}  # refused sockets, draining before close
+        # id(encoded refusal) -> (that refusal, its bytes, its bytes without the body)
+        self._refusals: dict[int, tuple[Any, bytes, bytes]] = {}
         self._refusals_date = 0
+        self._listeners: dict[Any, tuple[Any, ...]] = {}
 
     # -- start-up ---------------------------------------------------------------------------------
 
@@ -216,35 +263,97 @@ class ThreadWorker(_GThreadWorker):  # type: ignore[misc]
             )
             return
         self.shedder_middleware = middleware
-        self._header_names = names
+        self._header_needles = _header_needles(names)
         self._script_name = _script_name(self.cfg)
         self.wsgi = _with_tickets(self.wsgi, self._local)
+        for listener in self.sockets:
+            _defer_accept(listener)
 
     # -- the main thread: admission when a connection becomes readable ----------------------------
+
+    def accept(self, *args: Any) -> None:
+        """Take up to :data:`_ACCEPT_BATCH` new connections and decide each at once.
+
+        A connection whose request is already here is admitted or refused before it becomes a
+        gunicorn connection object: a refusal costs the accept, one peek, the send, one read
+        and the close. One that has not spoken yet waits on the poller.
+        """
+        middleware = self.shedder_middleware
+        if middleware is None:
+            super().accept(*args)
+            return
+        listener = args[-1]  # gthread < 24 passes (server address, listener)
+        entry = self._listeners.get(listener)
+        if entry is None:
+            raw = getattr(listener, "sock", listener)  # gunicorn wraps the socket object
+            entry = (raw._accept, raw.family, raw.type, raw.proto, listener.getsockname())
+            self._listeners[listener] = entry
+        accept, family, kind, proto, server = entry
+        for _ in range(max(1, min(_ACCEPT_BATCH, self.worker_connections - self.nr_conns))):
+            try:
+                fd, client = accept()
+            except OSError as exc:
+                if exc.errno in _ACCEPT_RETRY:
+                    return  # none left (or that one gave up): back to the poller
+                raise
+            self.nr_conns += 1
+            self._accepted(socket.socket(family, kind, proto, fd), client, server, middleware)
+
+    def _accepted(
+        self,
+        sock: socket.socket,
+        client: Any,
+        server: Any,
+        middleware: LoadSheddingMiddleware,
+    ) -> None:
+        try:
+            data = sock.recv(_PEEK_BYTES, _PEEK_NOW)
+        except BlockingIOError:
+            data = b""
+        except OSError:  # reset before it spoke: nothing to answer
+            self._close_socket(sock)
+            return
+        ticket = None
+        if data:
+            head = _parse_head(data, self._header_needles, self._script_name)
+            if head is not None and not middleware._never_throttled(head.path):
+                decision, deadline = middleware._admit_early(
+                    head.headers, client[0] if isinstance(client, tuple) else None
+                )
+                if isinstance(decision, Overloaded):
+                    self._refuse(sock, b"", head, middleware, decision)
+                    return
+                ticket = _Ticket(decision, deadline)
+        conn = TConn(self.cfg, sock, client, server)
+        if not data:
+            self._await_first_bytes(conn)  # decide once it speaks
+            return
+        self._submit(conn, _Ticket(None, None) if ticket is None else ticket)
 
     def enqueue_req(self, conn: Any) -> None:
         middleware = self.shedder_middleware
         if middleware is None or getattr(conn, "is_http2", False):
             super().enqueue_req(conn)
             return
-        data = _buffered(conn)
+        buffered = _buffered(conn)
+        data = buffered
         if b"\n" not in data:
             try:
-                data += conn.sock.recv(_PEEK_BYTES, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+                data += conn.sock.recv(_PEEK_BYTES, _PEEK_NOW)
             except BlockingIOError:
                 if not data and conn not in self._awaiting and not conn.initialized:
                     self._await_first_bytes(conn)  # just accepted: decide once it speaks
                     return
             except OSError:
                 pass  # gunicorn finds the error itself
-        head = _parse_head(data, self._header_names, self._script_name) if data else None
+        head = _parse_head(data, self._header_needles, self._script_name) if data else None
         if head is None or middleware._never_throttled(head.path):
             self._submit(conn, _Ticket(None, None))  # the middleware serves or decides it
             return
         client = conn.client[0] if isinstance(conn.client, tuple) else None
         decision, deadline = middleware._admit_early(head.headers, client)
         if isinstance(decision, Overloaded):
-            self._refuse(conn, middleware, decision, head.method == b"HEAD")
+            self._refuse(conn.sock, buffered, head, middleware, decision)
             return
         self._submit(conn, _Ticket(decision, deadline))
 
@@ -260,49 +369,77 @@ class ThreadWorker(_GThreadWorker):  # type: ignore[misc]
 
     def _refuse(
         self,
-        conn: Any,
+        sock: socket.socket,
+        buffered: bytes,
+        head: _Head,
         middleware: LoadSheddingMiddleware,
         refusal: Overloaded,
-        head_only: bool,
     ) -> None:
-        """Answer the refusal on the socket, half-close it and drain it: no thread used."""
-        status, headers, body = middleware._refusal(refusal)
+        """Answer the refusal on the socket and close it: no thread used.
+
+        ``buffered`` is what gunicorn's parser already read of the request. If the head is
+        complete, announces no body and is all that arrived, the connection closes at once
+        (nothing unread, nothing more coming: a clean FIN); otherwise it is half-closed and
+        drained before it closes, as closing with unread bytes sends a reset that can destroy
+        the 503.
+        """
+        encoded = middleware._refusal(refusal)
+        head_only = head.method == b"HEAD"
+        raw = self._encoded_refusal(encoded, head_only)
+        try:
+            # A fresh or idle connection's send buffer is empty: this small answer fits at once.
+            sock.send(raw, _NOW)
+        except OSError:
+            self._close_socket(sock)
+            return
+        if head.length:
+            try:
+                drained = len(sock.recv(_LINGER_BYTES, _NOW))
+            except BlockingIOError:
+                drained = 0  # the parser had read it all
+            except OSError:  # reset: nobody left to answer
+                self._close_socket(sock)
+                return
+            if len(buffered) + drained == head.length:
+                self._close_socket(sock)
+                return
+        self._linger(sock)
+
+    def _encoded_refusal(
+        self, encoded: tuple[str, tuple[tuple[str, str], ...], bytes], head_only: bool
+    ) -> bytes:
+        """The refusal's bytes on the wire, cached for the second its ``Date`` names."""
         now = int(time.time())
         if now != self._refusals_date:  # the Date header changes every second
             self._refusals.clear()
             self._refusals_date = now
-        key = (status, headers, body, head_only)
-        raw = self._refusals.get(key)
-        if raw is None:
-            raw = _encode_refusal(status, headers, body, head_only)
-            if len(self._refusals) < _REFUSAL_CACHE_SIZE:
-                self._refusals[key] = raw
-        sock = conn.sock
-        try:
-            # A fresh or idle connection's send buffer is empty: this small answer fits at once.
-            sock.send(raw, socket.MSG_DONTWAIT)
-            sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close(conn)
-            return
-        self._lingering[conn] = time.monotonic() + _LINGER_SECONDS
-        conn.shedder_drained = 0
-        with self._poller_lock():
-            self.poller.register(sock, selectors.EVENT_READ, partial(self._on_linger, conn))
+        # The gate shares one encoded refusal per kind: most lookups hit by identity.
+        cached = self._refusals.get(id(encoded))
+        if cached is not None and cached[0] is encoded:
+            return cached[2] if head_only else cached[1]
+        status, headers, body = encoded
+        full = _encode_refusal(status, headers, body, head_only=False)
+        bare = _encode_refusal(status, headers, body, head_only=True)
+        if len(self._refusals) < _REFUSAL_CACHE_SIZE:
+            self._refusals[id(encoded)] = (encoded, full, bare)
+        return bare if head_only else full
 
-    def _on_linger(self, conn: Any, sock: Any) -> None:
+    def _on_linger(self, sock: Any) -> None:
+        linger = self._lingering.get(sock)
+        if linger is None:  # pragma: no cover - unregistered with its entry
+            return
         try:
-            data = sock.recv(_LINGER_BYTES, socket.MSG_DONTWAIT)
+            data = sock.recv(_LINGER_BYTES, _NOW)
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        conn.shedder_drained += len(data)
-        if data and conn.shedder_drained < _LINGER_BYTES:
+        linger.drained += len(data)
+        if data and linger.drained < _LINGER_BYTES:
             return
-        del self._lingering[conn]
+        del self._lingering[sock]
         self._unregister(sock)
-        self._close(conn)
+        self._close_socket(sock)
 
     def _await_first_bytes(self, conn: Any) -> None:
         self._awaiting[conn] = time.monotonic() + _FIRST_BYTES_WAIT
@@ -319,27 +456,60 @@ class ThreadWorker(_GThreadWorker):  # type: ignore[misc]
     def murder_keepalived(self, *args: Any, **kwargs: Any) -> None:
         super().murder_keepalived(*args, **kwargs)
         force = bool(args and args[0]) or bool(kwargs.get("force"))
-        now = time.monotonic()
-        for conn, until in list(self._awaiting.items()):
-            if until > now and not force:
-                break
-            del self._awaiting[conn]
-            self._unregister(conn.sock)
-            if force:
-                self._close(conn)
-            else:
-                super().enqueue_req(conn)  # silent so far: gunicorn's own timeouts take over
-        for conn, until in list(self._lingering.items()):
-            if until > now and not force:
-                break
-            del self._lingering[conn]
-            self._unregister(conn.sock)
-            self._close(conn)
+        # Both dicts are in order of their deadlines: stop at the first one still running.
+        awaiting = self._awaiting
+        if awaiting:
+            now = time.monotonic()
+            while awaiting:
+                conn = next(iter(awaiting))
+                if awaiting[conn] > now and not force:
+                    break
+                del awaiting[conn]
+                self._unregister(conn.sock)
+                if force:
+                    self._close_socket(conn.sock)
+                else:
+                    super().enqueue_req(conn)  # silent so far: gunicorn's own timeouts take over
+        lingering = self._lingering
+        if lingering:
+            now = time.monotonic()
+            while lingering:
+                sock = next(iter(lingering))
+                if lingering[sock].until > now and not force:
+                    break
+                del lingering[sock]
+                self._unregister(sock)
+                self._close_socket(sock)
 
-    def _close(self, conn: Any) -> None:
+    def finish_request(self, *args: Any) -> None:
+        """gthread's, except that a connection that ends is drained on the poller.
+
+        gthread >= 24 half-closes it and then waits, blocking the main thread, until the
+        client closes too (up to 2 s): under overload that stalls every refusal behind one
+        slow client. Here it is half-closed and left to :meth:`_on_linger`.
+        """
+        if self.shedder_middleware is not None and len(args) == 2:
+            conn, future = args
+            if not future.cancelled() and future.exception() is None and future.result() is False:
+                self._linger(conn.sock)
+                return
+        super().finish_request(*args)
+
+    def _linger(self, sock: Any) -> None:
+        """Half-close ``sock`` and drain it on the poller until the client closes too."""
+        try:
+            sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            self._close_socket(sock)
+            return
+        self._lingering[sock] = _Linger(time.monotonic() + _LINGER_SECONDS)
+        with self._poller_lock():
+            self.poller.register(sock, selectors.EVENT_READ, self._on_linger)
+
+    def _close_socket(self, sock: Any) -> None:
         self.nr_conns -= 1
         try:
-            conn.sock.close()
+            sock.close()
         except OSError:
             pass
 
@@ -402,6 +572,22 @@ def _with_tickets(app: WSGIApplication, local: threading.local) -> WSGIApplicati
             ticket.taken = "shedder.admission" not in environ
 
     return serve
+
+
+def _defer_accept(listener: Any) -> None:
+    """Have the kernel hand over a TCP connection only once its first bytes are there (Linux),
+    so that a new connection is decided when it is accepted instead of waiting on the poller;
+    one silent for :data:`_FIRST_BYTES_WAIT` is accepted anyway and waits as before."""
+    option = getattr(socket, "TCP_DEFER_ACCEPT", None)
+    if option is None or getattr(listener, "family", None) not in (
+        socket.AF_INET,
+        socket.AF_INET6,
+    ):
+        return
+    try:
+        listener.setsockopt(socket.IPPROTO_TCP, option, int(_FIRST_BYTES_WAIT))
+    except OSError:  # pragma: no cover - not every TCP stack has it
+        pass
 
 
 def _buffered(conn: Any) -> bytes:

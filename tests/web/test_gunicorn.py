@@ -272,6 +272,51 @@ def test_keep_alive_connection_refused_mid_stream(tmp_path: Path, workers: int) 
         server.release("held")
 
 
+def test_a_burst_of_new_connections_is_refused_in_full(tmp_path: Path) -> None:
+    # Taken off the listener in batches, decided at once and closed without lingering: each
+    # client still gets the whole 503 and then a FIN.
+    env = {"MAX_CONCURRENCY": "1", "MAX_QUEUE": "0"}
+    with gunicorn(tmp_path, env=env) as server:
+        server.saturate("held", slots=1)
+        sockets = [
+            socket.create_connection(("127.0.0.1", server.port), timeout=10) for _ in range(64)
+        ]
+        try:
+            for sock in sockets:
+                sock.sendall(get("/echo"))
+            for sock in sockets:
+                assert_refused_by_worker(exchange(sock, b""))
+        finally:
+            for sock in sockets:
+                sock.close()
+        server.release("held")
+        assert request(server.port, get("/echo")).status == 200
+
+
+def test_a_connection_that_speaks_late_is_refused_before_the_pool(tmp_path: Path) -> None:
+    env = {"MAX_CONCURRENCY": "1", "MAX_QUEUE": "0"}
+    with gunicorn(tmp_path, env=env) as server:
+        server.saturate("held", slots=1)
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            time.sleep(0.3)  # the behaviour under test: a client slow to send its request
+            assert_refused_by_worker(exchange(sock, get("/echo")))
+        server.release("held")
+
+
+def test_a_client_slow_to_close_does_not_stall_the_worker(tmp_path: Path) -> None:
+    # gthread waits in its main thread for the client to close after "Connection: close" (up
+    # to 2 s); the worker drains such connections on its poller instead.
+    with gunicorn(tmp_path) as server, socket.socket() as lazy:
+        lazy.settimeout(10)
+        lazy.connect(("127.0.0.1", server.port))
+        answer = exchange(lazy, get("/echo", "Connection: close"))
+        assert answer.status == 200
+        assert answer.closed
+        started = time.monotonic()
+        assert request(server.port, get("/echo")).status == 200
+        assert time.monotonic() - started < 1.0
+
+
 def test_the_wait_for_a_thread_counts_against_queue_timeout(tmp_path: Path) -> None:
     # Two threads for one slot and two queue places: the second waiter waits in gunicorn.
     env = {"MAX_CONCURRENCY": "1", "MAX_QUEUE": "2", "QUEUE_TIMEOUT": "0.4"}
