@@ -169,7 +169,15 @@ class Permit:
     Also a context manager: ``with throttler.acquire(): ...`` (released as ``"success"``).
     """
 
-    __slots__ = ("_released", "_throttler", "acquired_at", "deadline", "priority", "waited")
+    __slots__ = (
+        "_flow",
+        "_released",
+        "_throttler",
+        "acquired_at",
+        "deadline",
+        "priority",
+        "waited",
+    )
 
     def __init__(
         self,
@@ -178,9 +186,11 @@ class Permit:
         waited: float,
         priority: str,
         deadline: float | None,
+        flow: Hashable = None,
     ) -> None:
         self._throttler = throttler
         self._released = False
+        self._flow = flow  # its slot counts among the flow's places until released
         self.acquired_at = acquired_at
         """The throttler's clock (``time.monotonic()``) when the slot was granted."""
         self.waited = waited
@@ -630,7 +640,9 @@ class Throttler:
             elif self._in_flight < self._max_concurrency and not self._queue.size:
                 self._in_flight += 1
                 self._admitted[rank] += 1
-                permit = Permit(self, now, 0.0, self._priorities[rank], deadline)
+                if flow is not None:
+                    self._queue.hold(rank, flow)
+                permit = Permit(self, now, 0.0, self._priorities[rank], deadline, flow)
                 if not self._listeners:
                     return permit
                 refusal = None
@@ -699,7 +711,9 @@ class Throttler:
                 return None
             self._in_flight += 1
             self._admitted[rank] += 1
-        permit = Permit(self, now, 0.0, self._priorities[rank], deadline)
+            if flow is not None:
+                self._queue.hold(rank, flow)
+        permit = Permit(self, now, 0.0, self._priorities[rank], deadline, flow)
         if self._listeners:
             self._notify("on_admit", 0.0, permit.priority)
         return permit
@@ -773,7 +787,16 @@ class Throttler:
                 self._shed_stale_locked(now, discipline.stale_after, evicted)
         reason: ShedReason
         size = queue.size
-        if flow is not None and queue.flow_count(rank, flow) >= self._flow_queue_limit:
+        # Fairness inside the class (fair queuing's longest-queue drop): a flow that would be
+        # refused a place while another flow of its class holds two or more places (waiters
+        # and slots) more than it does takes the newest place of the flow holding the most.
+        # Looked up only when the arrival would otherwise be refused.
+        fuller: Hashable = None
+        capped = flow is not None and queue.flow_count(rank, flow) >= self._flow_queue_limit
+        if capped:
+            # Below its share, a flow may go over its cap (taking a place if the room is full).
+            fuller = queue.fuller_flow(rank, flow)
+        if capped and fuller is None:
             reason = "queue_full"  # this flow's share of the room is full
         elif size >= self._max_queue:
             victim = None
@@ -781,8 +804,13 @@ class Throttler:
                 lowest = queue.lowest_rank()
                 if lowest > rank:
                     victim = queue.newest(lowest)  # a lower class makes room for a higher one
-                elif lowest == rank and discipline.evict_oldest:
-                    victim = queue.oldest(rank)
+                else:
+                    if flow is not None and not capped:
+                        fuller = queue.fuller_flow(rank, flow)
+                    if fuller is not None:
+                        victim = self._fair_victim(rank, fuller)
+                    elif lowest == rank and discipline.evict_oldest:
+                        victim = queue.oldest(rank)
             if victim is None:
                 reason = "queue_full"
             else:
@@ -797,6 +825,12 @@ class Throttler:
                 # the newest lower-class place rather than be refused while they wait.
                 self._evict_locked(queue.newest(lowest), "overloaded", evicted)
                 return None, wait_for
+            if flow is not None and not capped:
+                fuller = queue.fuller_flow(rank, flow)
+            if fuller is not None:
+                # Likewise a flow below its share, against the flow holding the most.
+                self._evict_locked(self._fair_victim(rank, fuller), "overloaded", evicted)
+                return None, wait_for
             reason = "overloaded"
         else:
             return None, wait_for
@@ -804,6 +838,13 @@ class Throttler:
         if self._retry_after_fixed is not None:
             return self._fixed_refusals[rank][reason], wait_for
         return self._refusal_locked(reason, rank), wait_for
+
+    def _fair_victim(self, rank: int, flow: Hashable) -> Any:
+        """The waiter of ``flow`` (which waits in class ``rank``) that gives up its place: its
+        newest, or its oldest under a discipline that refuses the oldest of a full room."""
+        if self._discipline.evict_oldest:
+            return self._queue.flow_oldest(rank, flow)
+        return self._queue.flow_newest(rank, flow)
 
     def _refusal_locked(self, reason: ShedReason, rank: int) -> Overloaded:
         """The refusal of an arrival: one shared instance per (reason, retry_after, class).
@@ -854,13 +895,17 @@ class Throttler:
                 # or queue_timeout, so refuse it as such and pass the slot on.
                 outcome = None
                 self._in_flight -= 1
+                if waiter.flow is not None:
+                    self._queue.unhold(rank, waiter.flow)
                 self._fill_slots_locked()
                 reason = waiting._reason
                 self._shed[rank][reason] += 1
                 refusal = Overloaded(reason, self._retry_after_locked(), self._priorities[rank])
             elif outcome == _GRANTED:
                 self._admitted[rank] += 1
-                permit = Permit(self, now, waited, self._priorities[rank], waiting._deadline)
+                permit = Permit(
+                    self, now, waited, self._priorities[rank], waiting._deadline, waiter.flow
+                )
             elif outcome is None:
                 # Timed out. Still queued: grants and evictions remove the waiter first.
                 self._queue.remove(waiter)
@@ -891,6 +936,8 @@ class Throttler:
             outcome = waiter.outcome
             if outcome == _GRANTED:
                 self._in_flight -= 1
+                if waiter.flow is not None:
+                    self._queue.unhold(waiter.rank, waiter.flow)
                 self._fill_slots_locked()
             elif outcome is None:
                 # Normally still queued; a waiter skipped because its loop closed is not.
@@ -913,6 +960,8 @@ class Throttler:
             permit._released = True
             held = now - permit.acquired_at
             self._in_flight -= 1
+            if permit._flow is not None:
+                self._queue.unhold(self._ranks[permit.priority], permit._flow)
             if outcome == "success" and self._retry_after_fixed is None:
                 # Only retry_after="auto" reads the mean hold time.
                 self._mean_hold += 0.1 * (held - self._mean_hold) if self._mean_hold else held
@@ -932,10 +981,13 @@ class Throttler:
         queue = self._queue
         now = monotonic()
         while queue and self._in_flight < self._max_concurrency:
-            waiter: Any = queue.pop_next(self._discipline.newest_first)
+            # hold=True: a flow's waiter keeps its place as it takes the slot.
+            waiter: Any = queue.pop_next(self._discipline.newest_first, hold=True)
             waiter.granted_at = now
             if waiter.wake(_GRANTED):
                 self._in_flight += 1
+            elif waiter.flow is not None:
+                queue.unhold(waiter.rank, waiter.flow)
 
     def _retry_after_locked(self) -> int:
         if self._retry_after_fixed is not None:
