@@ -589,8 +589,11 @@ def check_balanced(throttler: Throttler, tally: Tally, attempts: int) -> None:
         p: tally.shed.get(p, 0) for p in throttler.priorities
     }
     assert stats.cancelled_total == tally.cancelled
-    # Nothing of the flows stays behind once the queue is empty.
-    assert all(not line.flows and not line.order for line in throttler._queue._classes)
+    # Nothing of the flows stays behind once the queue is empty and every slot is back: no
+    # waiter, no slot counted against a flow's places (fairness evictions give back exactly).
+    lines = throttler._queue._classes
+    assert all(not line.flows and not line.order and not line.held for line in lines)
+    assert all(len(line.heap) <= 16 for line in lines)
 
 
 CLASSES = [None, "critical", "default", "sheddable"]
