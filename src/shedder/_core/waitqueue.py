@@ -113,6 +113,8 @@ class WaiterQueue:
         del own[waiter]
         if not own:
             del line.flows[flow]
+            if not line.flows:
+                line.heap.clear()  # every entry is stale
         elif flow is not None:
             self._mark(line, flow)
         self.size -= 1
@@ -134,7 +136,9 @@ class WaiterQueue:
                 if own:
                     flows.move_to_end(flow, last=not newest_first)  # its turn is over
                 else:
-                    del line.flows[flow]
+                    del flows[flow]
+                    if not flows:
+                        line.heap.clear()  # every entry is stale
                 del line.order[waiter]
                 self.size -= 1
                 if flow is not None:
