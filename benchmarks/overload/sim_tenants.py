@@ -1,13 +1,16 @@
-"""The tenants scenario in one process: no HTTP, no sockets, the same app and the same mix.
+"""The tenants and priorities scenarios in one process: no HTTP, no sockets, same app and mix.
 
-``python benchmarks/overload/sim_tenants.py [--seconds 8] [--reps 3] [--options JSON]``
+``python benchmarks/overload/sim_tenants.py [--scenario tenants|priorities-0.9x] [--seconds 8]
+[--reps 3] [--options JSON]``
 
 The benchmark's app (:func:`shedder._demo.asgi_app.make_app`: 8 connections x 20 ms behind
-``LoadSheddingMiddleware``) is called directly from one event loop, with Poisson arrivals of a
-``heavy`` tenant at 8x capacity and a ``light`` one at 20% (header ``x-tenant``), as in
-``run.py --scenario tenants``. Reports, per configuration: the light tenant's success and p99,
-the refusals by reason, and goodput, over the window after a 1 s warm-up. Cheap enough to try a
-queue rule in seconds; the real scenario (uvicorn, a load generator process) has the word.
+``LoadSheddingMiddleware``) is called directly from one event loop with the Poisson mix of
+``run.py --scenario``: for ``tenants`` a ``heavy`` tenant at 8x capacity and a ``light`` one at
+20% (header ``x-tenant``); for ``priorities-0.9x`` critical at 0.225x and sheddable at 0.675x
+(header ``x-priority``). Reports, per configuration and class: success, p99 and refusals by
+reason, and goodput, over the window after a 1 s warm-up; configurations interleaved. Cheap
+enough to try a queue rule in seconds; the real scenario (uvicorn, a load generator process)
+has the word.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import statistics
 import time
@@ -28,14 +32,31 @@ from shedder._demo.settings import AppSettings
 
 POOL, HOLD_MS = 8, 20.0
 CAPACITY = POOL * 1000.0 / HOLD_MS
-MIX = (("heavy", 8.0), ("light", 0.2))
-CONFIGS: Mapping[str, Mapping[str, Any]] = {
-    "fair": {**SHEDDER_SETTINGS, "classify": "tenant-header"},
-    "unclassified": SHEDDER_SETTINGS,
+# scenario -> (the mix: name, load x capacity, header), configurations by name
+SCENARIOS: Mapping[str, tuple[tuple[tuple[str, float, str], ...], Mapping[str, Any]]] = {
+    "tenants": (
+        (("heavy", 8.0, "x-tenant"), ("light", 0.2, "x-tenant")),
+        {
+            "fair": {**SHEDDER_SETTINGS, "classify": "tenant-header"},
+            "unclassified": SHEDDER_SETTINGS,
+        },
+    ),
+    # The priorities scenario at 0.9x: no class may be refused more than without classes.
+    "priorities-0.9x": (
+        (("critical", 0.225, "x-priority"), ("sheddable", 0.675, "x-priority")),
+        {
+            "classes": {
+                **SHEDDER_SETTINGS,
+                "priority_header": "x-priority",
+                "trusted_peers": ["127.0.0.1"],
+            },
+            "no classes": SHEDDER_SETTINGS,
+        },
+    ),
 }
 
 
-async def _one(app: Any, tenant: str, out: list[tuple[str, float, int, str]]) -> None:
+async def _one(app: Any, tenant: str, header: str, out: list[tuple[str, float, int, str]]) -> None:
     scope = {
         "type": "http",
         "asgi": {"version": "3.0"},
@@ -45,7 +66,7 @@ async def _one(app: Any, tenant: str, out: list[tuple[str, float, int, str]]) ->
         "path": "/",
         "raw_path": b"/",
         "query_string": b"",
-        "headers": [(b"host", b"bench"), (b"x-tenant", tenant.encode())],
+        "headers": [(b"host", b"bench"), (header.encode(), tenant.encode())],
         "client": ("127.0.0.1", 40000),
         "server": ("127.0.0.1", 8000),
     }
@@ -72,12 +93,15 @@ async def _one(app: Any, tenant: str, out: list[tuple[str, float, int, str]]) ->
     out.append((tenant, time.monotonic() - started, status, reason))
 
 
-async def run(options: Mapping[str, Any], seconds: float, seed: int) -> dict[str, Any]:
+async def run(
+    mix: tuple[tuple[str, float, str], ...], options: Mapping[str, Any], seconds: float, seed: int
+) -> dict[str, Any]:
     app = make_app(AppSettings(POOL, HOLD_MS, dict(options)))
     rng = random.Random(seed)
-    total = sum(load for _, load in MIX) * CAPACITY
-    names = [name for name, _ in MIX]
-    weights = [load for _, load in MIX]
+    total = sum(load for _, load, _ in mix) * CAPACITY
+    names = [name for name, _, _ in mix]
+    weights = [load for _, load, _ in mix]
+    headers = {name: header for name, _, header in mix}
     records: list[tuple[str, float, int, str]] = []
     counted: list[tuple[str, float, int, str]] = []
     tasks = set()
@@ -91,7 +115,7 @@ async def run(options: Mapping[str, Any], seconds: float, seed: int) -> dict[str
         if delay > 0:
             await asyncio.sleep(delay)
         target = counted if 1.0 <= at < seconds - 0.5 else records
-        task = asyncio.ensure_future(_one(app, tenant, target))
+        task = asyncio.ensure_future(_one(app, tenant, headers[tenant], target))
         tasks.add(task)
         task.add_done_callback(tasks.discard)
     late = loop.time() - start - seconds
@@ -114,27 +138,31 @@ async def run(options: Mapping[str, Any], seconds: float, seed: int) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scenario", choices=list(SCENARIOS), default="tenants")
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--only", nargs="*", choices=list(CONFIGS))
-    parser.add_argument("--options", help="extra middleware options for 'fair', JSON")
+    parser.add_argument("--only", nargs="*", help="configurations to run (default: all)")
+    parser.add_argument("--options", help="extra middleware options for the first one, JSON")
     args = parser.parse_args()
-    configs = {k: v for k, v in CONFIGS.items() if not args.only or k in args.only}
+    mix, configs = SCENARIOS[args.scenario]
+    configs = {k: v for k, v in configs.items() if not args.only or k in args.only}
     if args.options:
-        configs = {
-            **configs,
-            "fair": {**configs.get("fair", CONFIGS["fair"]), **json.loads(args.options)},
-        }
-    print(f"load average {' / '.join(f'{x:.1f}' for x in __import__('os').getloadavg())}")
+        first = next(iter(configs))
+        configs = {**configs, first: {**configs[first], **json.loads(args.options)}}
+    print(f"load average {' / '.join(f'{x:.1f}' for x in os.getloadavg())}")
+    names = [name for name, _, _ in mix]
     for rep in range(args.reps):
         for key, options in configs.items():  # interleaved
-            res = asyncio.run(run(options, args.seconds, args.seed + rep))
-            light, heavy = res["light"], res["heavy"]
+            res = asyncio.run(run(mix, options, args.seconds, args.seed + rep))
+            parts = [
+                f"{n} {res[n]['success_pct']}% ok p99 {res[n]['p99_ms']} ms"
+                f" refused {res[n]['refused']}"
+                for n in names
+            ]
             print(
-                f"rep {rep} {key:>12}: light {light['success_pct']}% ok p99 {light['p99_ms']} ms"
-                f" refused {light['refused']}; heavy {heavy['success_pct']}%;"
-                f" goodput {res['goodput_pct']}% (late {res['late_s']} s)",
+                f"rep {rep} {key:>12}: {'; '.join(parts)}; goodput {res['goodput_pct']}%"
+                f" (late {res['late_s']} s)",
                 flush=True,
             )
 
