@@ -374,7 +374,10 @@ class Throttler:
             higher arrival, not by refusals at ordinary load (measured: a 0.75 default refused
             sheddable work 3x as often at 0.9x load as no classes did).
         flow_queue_limit: most waiters one flow (tenant, API key, client) may have queued in a
-            class; default: half of ``max_queue`` (at least 1). Flows are served in turn.
+            class; default: half of ``max_queue`` (at least 1). Flows are served in turn, and a
+            flow is never refused a place while another flow of its class with waiters holds
+            two or more places (waiters and slots) more than it: that flow's newest waiter is
+            refused instead, or, if the room has space, the arrival waits past this limit.
         name: label for metrics and health reports.
         clock: monotonic clock in seconds (for simulations; waiting always uses real time).
 
