@@ -312,6 +312,23 @@ def test_unflowed_arrivals_never_take_a_flow_s_place() -> None:
     assert serve_all(holder, {"h1": h1, "h2": h2}) == ["h1", "h2"]
 
 
+def test_an_unhashable_flow_is_a_type_error_that_takes_no_slot() -> None:
+    throttler = Throttler(max_concurrency=1, max_queue=1, clock=Clock())
+    unhashable = ["not", "hashable"]
+    with pytest.raises(TypeError):
+        throttler.admit(flow=unhashable)  # a free slot: the fast path
+    with pytest.raises(TypeError):
+        throttler.try_acquire(flow=unhashable)
+    assert (throttler.in_flight, throttler.queued) == (0, 0)
+    holder = throttler.acquire()
+    with pytest.raises(TypeError):
+        throttler.admit(flow=unhashable)  # it would have to wait
+    assert (throttler.in_flight, throttler.queued) == (1, 0)
+    holder.release()
+    assert throttler.stats().admitted_total == 1
+    assert held_tables(throttler) == [{}, {}, {}]
+
+
 def test_places_are_given_back_on_every_way_out() -> None:
     throttler = Throttler(max_concurrency=1, max_queue=4, queue_timeout=0.0, clock=Clock())
     holder = throttler.acquire(flow="a")

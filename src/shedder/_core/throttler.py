@@ -641,10 +641,10 @@ class Throttler:
                 self._shed[rank]["deadline_exceeded"] += 1
                 refusal: Overloaded | None = self._refusal_locked("deadline_exceeded", rank)
             elif self._in_flight < self._max_concurrency and not self._queue.size:
+                if flow is not None:
+                    self._queue.hold(rank, flow)  # first: an unhashable flow changes nothing
                 self._in_flight += 1
                 self._admitted[rank] += 1
-                if flow is not None:
-                    self._queue.hold(rank, flow)
                 permit = Permit(self, now, 0.0, self._priorities[rank], deadline, flow)
                 if not self._listeners:
                     return permit
@@ -712,10 +712,10 @@ class Throttler:
                 self._in_flight < self._max_concurrency and not self._queue.size
             ):
                 return None
-            self._in_flight += 1
-            self._admitted[rank] += 1
             if flow is not None:
                 self._queue.hold(rank, flow)
+            self._in_flight += 1
+            self._admitted[rank] += 1
         permit = Permit(self, now, 0.0, self._priorities[rank], deadline, flow)
         if self._listeners:
             self._notify("on_admit", 0.0, permit.priority)
