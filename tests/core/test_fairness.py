@@ -591,6 +591,9 @@ def test_random_histories_keep_places_exact_and_refuse_only_the_fullest(
             (r, f): n for r, line in enumerate(queue_._classes) for f, n in line.held.items()
         } == held
         assert throttler.in_flight == len(permits) + len(granted)
+        assert {id(p): (r, f) for p, r, f in permits if f is not None} == {
+            id(p): place for p, place in throttler._flowed.items()
+        }
         # The heap answers as the brute force does, for every flow asked about.
         for r in range(len(queue_._classes)):
             fullest = brute_fullest(throttler, r)
@@ -606,5 +609,6 @@ def test_random_histories_keep_places_exact_and_refuse_only_the_fullest(
     for permit, _, _ in permits:
         permit.release()
     assert held_tables(throttler) == [{}, {}, {}]
+    assert not throttler._flowed
     assert (throttler.in_flight, throttler.queued) == (0, 0)
     assert not any(line.heap for line in queue_._classes)

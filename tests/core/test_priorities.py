@@ -593,6 +593,7 @@ def check_balanced(throttler: Throttler, tally: Tally, attempts: int) -> None:
     # waiter, no slot counted against a flow's places (fairness evictions give back exactly).
     lines = throttler._queue._classes
     assert all(not (line.flows or line.order or line.held or line.heap) for line in lines)
+    assert not throttler._flowed
 
 
 CLASSES = [None, "critical", "default", "sheddable"]
