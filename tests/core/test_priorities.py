@@ -589,8 +589,11 @@ def check_balanced(throttler: Throttler, tally: Tally, attempts: int) -> None:
         p: tally.shed.get(p, 0) for p in throttler.priorities
     }
     assert stats.cancelled_total == tally.cancelled
-    # Nothing of the flows stays behind once the queue is empty.
-    assert all(not line.flows and not line.order for line in throttler._queue._classes)
+    # Nothing of the flows stays behind once the queue is empty and every slot is back: no
+    # waiter, no slot counted against a flow's places (fairness evictions give back exactly).
+    lines = throttler._queue._classes
+    assert all(not (line.flows or line.order or line.held or line.heap) for line in lines)
+    assert not throttler._flowed
 
 
 CLASSES = [None, "critical", "default", "sheddable"]
@@ -623,6 +626,25 @@ stress_configs = st.fixed_dictionaries(
 def test_tasks_with_random_classes_flows_and_cancellations(
     config: dict[str, Any], plan: list[tuple[str | None, str | None, float, float | None]]
 ) -> None:
+    asyncio.run(_tasks_run(config, plan))
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=stress_configs, seed=st.integers(0, 2**32 - 1))
+def test_tasks_with_a_flood_and_quiet_flows(config: dict[str, Any], seed: int) -> None:
+    """One flow crowds the others, so quiet flows keep taking its places (its waiters refused
+    for their arrivals), among cancellations: still no slot lost or doubled. The plan comes
+    from a seed: hypothesis's own lists shrink towards no class and no flow."""
+    rng = random.Random(seed)
+    plan = [
+        (
+            rng.choice([None, None, None, "critical", "sheddable"]),
+            rng.choice(["flood"] * 4 + ["quiet", "other", None]),
+            rng.choice([0.0, 0.001, 0.003]),
+            rng.choice([None, None, 0.0, 0.0005, 0.002]),
+        )
+        for _ in range(rng.randrange(20, 80))
+    ]
     asyncio.run(_tasks_run(config, plan))
 
 
@@ -667,6 +689,20 @@ async def _tasks_run(
 @given(config=stress_configs, seed=st.integers(0, 2**32 - 1))
 def test_threads_and_tasks_with_random_classes_and_flows(config: dict[str, Any], seed: int) -> None:
     """Threads and tasks on one loop share the throttler; some tasks are cancelled."""
+    threads_and_tasks(config, seed, CLASSES, [None, "a", "b"])
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(config=stress_configs, seed=st.integers(0, 2**32 - 1))
+def test_threads_and_tasks_with_a_flood_and_quiet_flows(config: dict[str, Any], seed: int) -> None:
+    """As above with one flow crowding the others, so that quiet flows keep taking the flood's
+    places (a waiter refused for an arrival): still no slot lost or doubled."""
+    threads_and_tasks(config, seed, [None], ["flood"] * 4 + ["quiet", "other", None])
+
+
+def threads_and_tasks(
+    config: dict[str, Any], seed: int, classes: list[str | None], flows: list[str | None]
+) -> None:
     throttler = Throttler(**config)
     tally = Tally()
     throttler.add_listener(tally)
@@ -674,10 +710,7 @@ def test_threads_and_tasks_with_random_classes_and_flows(config: dict[str, Any],
     rng = random.Random(seed)
     rounds = 10
     plans = [
-        [
-            (rng.choice(CLASSES), rng.choice([None, "a", "b"]), rng.choice([0.0, 0.001]))
-            for _ in range(rounds)
-        ]
+        [(rng.choice(CLASSES), rng.choice(flows), rng.choice([0.0, 0.001])) for _ in range(rounds)]
         for _ in range(6)
     ]
     attempts = 0

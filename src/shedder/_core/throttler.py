@@ -367,7 +367,10 @@ class Throttler:
             higher arrival, not by refusals at ordinary load (measured: a 0.75 default refused
             sheddable work 3x as often at 0.9x load as no classes did).
         flow_queue_limit: most waiters one flow (tenant, API key, client) may have queued in a
-            class; default: half of ``max_queue`` (at least 1). Flows are served in turn.
+            class; default: half of ``max_queue`` (at least 1). Flows are served in turn, and a
+            flow is never refused a place while another flow of its class with waiters holds
+            two or more places (waiters and slots) more than it: that flow's newest waiter is
+            refused instead, or, if the room has space, the arrival waits past this limit.
         name: label for metrics and health reports.
         clock: monotonic clock in seconds (for simulations; waiting always uses real time).
 
@@ -478,6 +481,10 @@ class Throttler:
         self._release_gap = 0.0
         self._gap_samples = 0
         self._last_busy_release: float | None = None  # None: a slot went idle since
+        # Permits of a flow -> (class, flow): their slots count among the flow's places (see
+        # WaiterQueue.hold) until released. Kept here rather than on Permit, whose every
+        # construction it would slow (measured ~70 ns an admission without flows).
+        self._flowed: dict[Permit, tuple[int, Hashable]] = {}
         self._refusals: dict[tuple[ShedReason, int, int], Overloaded] = {}
         # Shared refusals, built once when retry_after is fixed: refusing allocates nothing.
         self._fixed_refusals = [
@@ -684,9 +691,13 @@ class Throttler:
                 self._shed[rank]["deadline_exceeded"] += 1
                 refusal: Overloaded | None = self._refusal_locked("deadline_exceeded", rank)
             elif self._in_flight < self._max_concurrency and not self._queue.size:
+                permit = Permit(self, now, 0.0, self._priorities[rank], deadline)
+                if flow is not None:
+                    # Counted first: an unhashable flow raises here and changes nothing.
+                    self._queue.hold(rank, flow)
+                    self._flowed[permit] = (rank, flow)
                 self._in_flight += 1
                 self._admitted[rank] += 1
-                permit = Permit(self, now, 0.0, self._priorities[rank], deadline)
                 if not self._listeners:
                     return permit
                 refusal = None
@@ -813,11 +824,14 @@ class Throttler:
                 self._in_flight < self._max_concurrency and not self._queue.size
             ):
                 return None
+            permit = Permit(self, now, 0.0, self._priorities[rank], deadline)
+            if flow is not None:
+                self._queue.hold(rank, flow)
+                self._flowed[permit] = (rank, flow)
             self._in_flight += 1
             self._admitted[rank] += 1
         finally:
             lock.release()
-        permit = Permit(self, now, 0.0, self._priorities[rank], deadline)
         if self._listeners:
             self._notify("on_admit", 0.0, permit.priority)
         return permit
@@ -891,7 +905,16 @@ class Throttler:
                 self._shed_stale_locked(now, discipline.stale_after, evicted)
         reason: ShedReason
         size = queue.size
-        if flow is not None and queue.flow_count(rank, flow) >= self._flow_queue_limit:
+        # Fairness inside the class (fair queuing's longest-queue drop): a flow that would be
+        # refused a place while another flow of its class holds two or more places (waiters
+        # and slots) more than it does takes the newest place of the flow holding the most.
+        # Looked up only when the arrival would otherwise be refused.
+        fuller: Hashable = None
+        capped = flow is not None and queue.flow_count(rank, flow) >= self._flow_queue_limit
+        if capped:
+            # Below its share, a flow may go over its cap (taking a place if the room is full).
+            fuller = queue.fuller_flow(rank, flow)
+        if capped and fuller is None:
             reason = "queue_full"  # this flow's share of the room is full
         elif size >= self._max_queue:
             victim = None
@@ -899,8 +922,13 @@ class Throttler:
                 lowest = queue.lowest_rank()
                 if lowest > rank:
                     victim = queue.newest(lowest)  # a lower class makes room for a higher one
-                elif lowest == rank and discipline.evict_oldest:
-                    victim = queue.oldest(rank)
+                else:
+                    if flow is not None and not capped:
+                        fuller = queue.fuller_flow(rank, flow)
+                    if fuller is not None:
+                        victim = self._fair_victim(rank, fuller)
+                    elif lowest == rank and discipline.evict_oldest:
+                        victim = queue.oldest(rank)
             if victim is None:
                 reason = "queue_full"
             else:
@@ -915,6 +943,12 @@ class Throttler:
                 # the newest lower-class place rather than be refused while they wait.
                 self._evict_locked(queue.newest(lowest), "overloaded", evicted)
                 return None, wait_for
+            if flow is not None and not capped:
+                fuller = queue.fuller_flow(rank, flow)
+            if fuller is not None:
+                # Likewise a flow below its share, against the flow holding the most.
+                self._evict_locked(self._fair_victim(rank, fuller), "overloaded", evicted)
+                return None, wait_for
             reason = "overloaded"
         else:
             return None, wait_for
@@ -922,6 +956,13 @@ class Throttler:
         if self._retry_after_fixed is not None:
             return self._fixed_refusals[rank][reason], wait_for
         return self._refusal_locked(reason, rank), wait_for
+
+    def _fair_victim(self, rank: int, flow: Hashable) -> Any:
+        """The waiter of ``flow`` (which waits in class ``rank``) that gives up its place: its
+        newest, or its oldest under a discipline that refuses the oldest of a full room."""
+        if self._discipline.evict_oldest:
+            return self._queue.flow_oldest(rank, flow)
+        return self._queue.flow_newest(rank, flow)
 
     def _refusal_locked(self, reason: ShedReason, rank: int) -> Overloaded:
         """The refusal of an arrival: one shared instance per (reason, retry_after, class).
@@ -991,6 +1032,8 @@ class Throttler:
                 # or queue_timeout, so refuse it as such and pass the slot on.
                 outcome = None
                 self._in_flight -= 1
+                if waiter.flow is not None:
+                    self._queue.unhold(rank, waiter.flow)
                 self._fill_slots_locked()
                 reason = waiting._reason
                 self._shed[rank][reason] += 1
@@ -998,6 +1041,9 @@ class Throttler:
             elif outcome == _GRANTED:
                 self._admitted[rank] += 1
                 permit = Permit(self, now, waited, self._priorities[rank], waiting._deadline)
+                if waiter.flow is not None:
+                    # Its slot was counted at the grant (pop_next(hold=True)): now the permit's.
+                    self._flowed[permit] = (rank, waiter.flow)
             elif outcome is None:
                 # Timed out. Still queued: grants and evictions remove the waiter first.
                 self._queue.remove(waiter)
@@ -1028,6 +1074,8 @@ class Throttler:
             outcome = waiter.outcome
             if outcome == _GRANTED:
                 self._in_flight -= 1
+                if waiter.flow is not None:
+                    self._queue.unhold(waiter.rank, waiter.flow)
                 self._fill_slots_locked()
             elif outcome is None:
                 # Normally still queued; a waiter skipped because its loop closed is not.
@@ -1052,6 +1100,10 @@ class Throttler:
             permit._released = True
             held = now - permit.acquired_at
             self._in_flight -= 1
+            if self._flowed:
+                place = self._flowed.pop(permit, None)
+                if place is not None:
+                    self._queue.unhold(*place)
             if self._track_hold and outcome == "success":
                 if self._mean_hold:
                     error = held - self._mean_hold
@@ -1090,10 +1142,13 @@ class Throttler:
         queue = self._queue
         now = monotonic()
         while queue and self._in_flight < self._max_concurrency:
-            waiter: Any = queue.pop_next(self._discipline.newest_first)
+            # hold=True: a flow's waiter keeps its place as it takes the slot.
+            waiter: Any = queue.pop_next(self._discipline.newest_first, hold=True)
             waiter.granted_at = now
             if waiter.wake(_GRANTED):
                 self._in_flight += 1
+            elif waiter.flow is not None:
+                queue.unhold(waiter.rank, waiter.flow)
         if self._in_flight < self._max_concurrency:
             self._last_busy_release = None  # a slot is idle: the run ends
 
