@@ -80,12 +80,14 @@ class _Admission:
     def _passes(self, method: str) -> bool:
         return method.startswith(self.exempt)
 
-    def _timeout(self, context: Any) -> float | None:
-        """The queue wait for this call: never longer than the client's deadline allows."""
+    def _deadline(self, context: Any) -> float | None:
+        """The call's deadline on the throttler's clock, or None without one: a queued call
+        waits at most until then (refused as ``deadline_exceeded``), and one that by the pace
+        of service could not start before it is refused at once, as the middlewares do."""
         remaining = context.time_remaining()
-        if remaining is None or remaining >= self.throttler.queue_timeout:
+        if remaining is None:
             return None
-        return max(float(remaining), 0.0)
+        return self.throttler._clock() + max(float(remaining), 0.0)
 
     @staticmethod
     def _pushback(refusal: Overloaded) -> _Metadata:
@@ -98,7 +100,7 @@ class _Admission:
     def _admit_blocking(self, context: Any) -> Permit:
         """Take a slot on this (pool) thread; a refusal aborts the RPC with the pushback."""
         try:
-            permit = self.throttler.acquire(self._timeout(context))
+            permit = self.throttler.acquire(deadline=self._deadline(context))
         except Overloaded as refusal:
             context.set_trailing_metadata(self._pushback(refusal))
             context.abort(self.code, self._details(refusal))
@@ -229,8 +231,10 @@ class ThrottlingInterceptor(_Admission, grpc.ServerInterceptor):
         exempt: method-name prefixes served without a slot (default: health and reflection).
 
     A queued RPC waits at most ``queue_timeout`` or the client's remaining deadline, whichever
-    is shorter. Unary RPCs hold the slot while the handler runs; streaming responses hold it
-    until the response iterator is exhausted, raises or is dropped (client cancelled).
+    is shorter (refused as ``deadline_exceeded`` when the deadline ends the wait), and one that
+    by the observed pace of service could not start before its deadline is refused at once.
+    Unary RPCs hold the slot while the handler runs; streaming responses hold it until the
+    response iterator is exhausted, raises or is dropped (client cancelled).
     """
 
     def intercept_service(
@@ -289,7 +293,7 @@ class AsyncThrottlingInterceptor(_Admission, grpc.aio.ServerInterceptor):
 
     async def _admit(self, context: grpc.aio.ServicerContext[Any, Any]) -> Permit:
         try:
-            return await self.throttler.acquire_async(self._timeout(context))
+            return await self.throttler.acquire_async(deadline=self._deadline(context))
         except Overloaded as refusal:
             await context.abort(self.code, self._details(refusal), self._pushback(refusal))
 
