@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -647,3 +648,55 @@ def test_metrics_path_keeps_an_instrument_of_your_own(caplog: pytest.LogCaptureF
     )
     assert "another one already has that name" in caplog.text
     assert value(scrape(registry), "shedder_throttler_concurrency_limit", throttler="mine") == 1
+
+
+@pytest.mark.parametrize("multiprocess", MODES)
+def test_refusals_of_the_quick_lane_are_counted(multiprocess: bool) -> None:
+    """A full throttler refuses in the middlewares' quick lane, without the lock: the
+    exposition still counts every refusal, by class and reason, as stats() does."""
+    import wsgiref.util
+
+    from shedder.asgi import LoadSheddingMiddleware as AsgiMiddleware
+    from shedder.wsgi import LoadSheddingMiddleware as WsgiMiddleware
+
+    registry = CollectorRegistry()
+    throttler = Throttler(max_concurrency=1, max_queue=0, name="lane")
+    instrument(throttler, registry=registry, multiprocess=multiprocess)
+
+    def wsgi_app(environ: Any, start_response: Any) -> list[bytes]:
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    async def asgi_app(scope: Any, receive: Any, send: Any) -> None:
+        raise AssertionError("a refused request must not reach the app")
+
+    wsgi = WsgiMiddleware(wsgi_app, throttler)
+    asgi = AsgiMiddleware(asgi_app, throttler)
+    assert wsgi._quick is not None  # the lane is what this test is about
+    assert asgi._quick is not None
+    statuses: list[str] = []
+
+    async def refuse_asgi() -> None:
+        async def receive() -> Any:
+            return {"type": "http.request", "body": b"", "more_body": False}
+
+        async def send(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                statuses.append(str(message["status"]))
+
+        scope = {"type": "http", "method": "GET", "path": "/", "headers": [], "client": None}
+        for _ in range(2):
+            await asgi(scope, receive, send)
+
+    with throttler.acquire():
+        for _ in range(3):
+            environ: dict[str, Any] = {}
+            wsgiref.util.setup_testing_defaults(environ)
+            wsgi(environ, lambda status, headers, exc_info=None: statuses.append(status[:3]))
+        asyncio.run(refuse_asgi())
+        samples = scrape(registry)
+        assert_matches_stats(samples, throttler)
+    assert statuses == ["503"] * 5
+    assert throttler.stats().shed_total["queue_full"] == 5
+    shed = total(samples, "shedder_throttler_shed_total", throttler="lane", reason="queue_full")
+    assert shed == 5
