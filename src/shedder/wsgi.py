@@ -197,7 +197,7 @@ class LoadSheddingMiddleware:
                     log(self._quick_refusal)  # type: ignore[arg-type]
                 status, headers, body = answer
                 start_response(status, [*headers])  # a fresh list, as in _refuse()
-                return [] if environ["REQUEST_METHOD"] == "HEAD" else [body]
+                return [] if environ.get("REQUEST_METHOD") == "HEAD" else [body]
         deadline = None
         if decision is not None and getattr(decision, "_throttler", None) is self.throttler:
             # Ours now: removing it tells the worker not to release or cancel it itself.
@@ -268,9 +268,7 @@ class LoadSheddingMiddleware:
 
     def _never_throttled(self, path: str) -> bool:
         """True for a ``PATH_INFO`` this middleware serves itself or passes through unthrottled."""
-        return path in (self.live_path, self.health_path, self.metrics_path) or path_matches(
-            path, self._exact, self._prefixes
-        )
+        return path_matches(path, self._special, self._prefixes)  # the paths __call__ serves
 
     @property
     def _early_header_names(self) -> tuple[str, ...] | None:

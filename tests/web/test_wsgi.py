@@ -629,3 +629,15 @@ def test_sheds_are_logged_once_per_interval(
     assert records[0].shedder_reason == "queue_full"  # type: ignore[attr-defined]
     assert records[1].shedder_suppressed == 2  # type: ignore[attr-defined]
     assert "2 more shed since the last line" in records[1].getMessage()
+
+
+def test_quick_lane_refuses_an_environ_without_request_method() -> None:
+    """A full throttler refuses before reading anything but the path: an environ missing a
+    key PEP 3333 requires still gets the 503, never an error."""
+    throttler = Throttler(max_concurrency=1, max_queue=0)
+    mw = LoadSheddingMiddleware(hello, throttler)
+    captured = Captured()
+    with throttler.acquire():
+        body = mw({"PATH_INFO": "/"}, captured)
+    assert captured.status == "503 Service Unavailable"
+    assert json.loads(b"".join(body))["reason"] == "queue_full"

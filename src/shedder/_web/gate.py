@@ -207,7 +207,7 @@ class Gate(Generic[E]):
     def deferrable(self) -> bool:
         """True when nothing a request says can change an immediate refusal: no classifier
         and no priority header (deadlines only shorten waits). Adapters then ask the
-        throttler's quick lane (``_refuse_full(rank)``) before they read any header."""
+        throttler's quick lane (:meth:`quick_lane`) before they read any header."""
         return self.classify is None and self._priority_header is None
 
     @property

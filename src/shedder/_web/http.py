@@ -10,7 +10,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -241,6 +241,6 @@ def normalize_path_rules(exempt: Iterable[str]) -> tuple[frozenset[str], tuple[s
     return frozenset(exact), tuple(prefixes)
 
 
-def path_matches(path: str, exact: frozenset[str], prefixes: tuple[str, ...]) -> bool:
+def path_matches(path: str, exact: Collection[str], prefixes: tuple[str, ...]) -> bool:
     """True if ``path`` is one of ``exact`` or starts with one of ``prefixes``."""
     return path in exact or (bool(prefixes) and path.startswith(prefixes))
