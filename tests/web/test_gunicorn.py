@@ -391,6 +391,9 @@ def test_graceful_reload_keeps_requests_and_refusals(tmp_path: Path) -> None:
     env = {"MAX_CONCURRENCY": "1", "MAX_QUEUE": "0"}
     with gunicorn(tmp_path, env=env) as server:
         before = json.loads(request(server.port, get("/echo")).body)["pid"]
+        # The worker frees the echo's slot only after the client has its answer: wait for it,
+        # so that the in-flight request seen below is the slow one, not the echo.
+        assert wait_for(lambda: server.figures().in_flight == 0, timeout=5)
         slow: list[Response] = []
         in_flight = threading.Thread(
             target=lambda: slow.append(request(server.port, get("/sleep/1")))
