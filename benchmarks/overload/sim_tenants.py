@@ -1,13 +1,14 @@
 """The tenants and priorities scenarios in one process: no HTTP, no sockets, same app and mix.
 
-``python benchmarks/overload/sim_tenants.py [--scenario tenants|priorities-0.9x] [--seconds 8]
-[--reps 3] [--options JSON]``
+``python benchmarks/overload/sim_tenants.py [--scenario tenants|priorities-0.9x|priorities-4x|
+priorities-8x] [--seconds 8] [--reps 3] [--options JSON]``
 
 The benchmark's app (:func:`shedder._demo.asgi_app.make_app`: 8 connections x 20 ms behind
 ``LoadSheddingMiddleware``) is called directly from one event loop with the Poisson mix of
 ``run.py --scenario``: for ``tenants`` a ``heavy`` tenant at 8x capacity and a ``light`` one at
-20% (header ``x-tenant``); for ``priorities-0.9x`` critical at 0.225x and sheddable at 0.675x
-(header ``x-priority``). Reports, per configuration and class: success, p99 and refusals by
+20% (header ``x-tenant``); for ``priorities-0.9x`` critical at 0.225x and sheddable at 0.675x,
+for ``priorities-4x`` (``-8x``) critical at 0.25x and sheddable at 4x (8x) (header
+``x-priority``). Reports, per configuration and class: success, p99 and refusals by
 reason, and goodput, over the window after a 1 s warm-up; configurations interleaved. Cheap
 enough to try a queue rule in seconds; the real scenario (uvicorn, a load generator process)
 has the word.
@@ -32,6 +33,14 @@ from shedder._demo.settings import AppSettings
 
 POOL, HOLD_MS = 8, 20.0
 CAPACITY = POOL * 1000.0 / HOLD_MS
+_CLASSES: Mapping[str, Any] = {
+    "classes": {
+        **SHEDDER_SETTINGS,
+        "priority_header": "x-priority",
+        "trusted_peers": ["127.0.0.1"],
+    },
+    "no classes": SHEDDER_SETTINGS,
+}
 # scenario -> (the mix: name, load x capacity, header), configurations by name
 SCENARIOS: Mapping[str, tuple[tuple[tuple[str, float, str], ...], Mapping[str, Any]]] = {
     "tenants": (
@@ -44,14 +53,16 @@ SCENARIOS: Mapping[str, tuple[tuple[tuple[str, float, str], ...], Mapping[str, A
     # The priorities scenario at 0.9x: no class may be refused more than without classes.
     "priorities-0.9x": (
         (("critical", 0.225, "x-priority"), ("sheddable", 0.675, "x-priority")),
-        {
-            "classes": {
-                **SHEDDER_SETTINGS,
-                "priority_header": "x-priority",
-                "trusted_peers": ["127.0.0.1"],
-            },
-            "no classes": SHEDDER_SETTINGS,
-        },
+        _CLASSES,
+    ),
+    # Overload: critical served (>= 99.5%, p99 <= 40 ms), sheddable takes the refusals.
+    "priorities-4x": (
+        (("critical", 0.25, "x-priority"), ("sheddable", 4.0, "x-priority")),
+        _CLASSES,
+    ),
+    "priorities-8x": (
+        (("critical", 0.25, "x-priority"), ("sheddable", 8.0, "x-priority")),
+        _CLASSES,
     ),
 }
 

@@ -183,16 +183,17 @@ def test_newest_first_serves_the_arrival_first() -> None:
 
 def test_a_refused_arrival_evicts_nobody() -> None:
     clock = Clock()
-    throttler = Throttler(max_concurrency=1, max_queue=4, clock=clock)
+    # shed_threshold 0.8: with 4 waiters an arrival is at its shed point, (1 + 4) / (1 + 5).
+    throttler = Throttler(max_concurrency=1, max_queue=5, shed_threshold=0.8, clock=clock)
     saturate(throttler, clock, releases=12)
+    sheddable = queue_up(throttler, 1, priority="sheddable")
     critical = queue_up(throttler, 3, priority="critical")
-    sheddable = queue_up(throttler, 1, priority="sheddable")  # the room is full
     decision = arrive(throttler, deadline=clock.now + 0.02, priority="critical")
     assert refused_now(decision)
     assert all(w._waiter.outcome is None for w in [*critical, *sheddable])
     # With time enough, it takes the sheddable place as before.
     assert isinstance(arrive(throttler, deadline=clock.now + 1.0, priority="critical"), Waiting)
-    assert sheddable[0]._waiter.outcome == "queue_full"
+    assert sheddable[0]._waiter.outcome == "overloaded"
 
 
 def test_requests_without_a_deadline_are_not_affected() -> None:

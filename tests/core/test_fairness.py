@@ -269,20 +269,22 @@ def test_over_its_shed_point_a_flow_below_its_share_takes_a_place_too() -> None:
     assert serve_order(slots, {"l1": l1, "l2": l2}) == ["l1", "l2"]
 
 
-def test_classes_come_before_fairness() -> None:
-    throttler = Throttler(max_concurrency=1, max_queue=3, clock=Clock())
+def test_fairness_is_within_a_class() -> None:
+    throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock())
     holder = throttler.acquire(flow="heavy")
     h1 = queue(throttler, flow="heavy")
-    s1 = queue(throttler, "sheddable", flow="other")
     c1 = queue(throttler, "critical", flow="heavy")
-    # Full. A light default arrival: the lower class goes first, even though heavy holds more.
-    l1 = queue(throttler, flow="light")
-    assert (outcome(s1), outcome(h1)) == ("queue_full", None)
-    # A flow of a higher class is not a rival: places are counted within the class. light (1)
-    # against heavy (2: one waiter, one slot of the default class) is refused.
+    s1 = queue(throttler, "sheddable", flow="light")
+    l1 = queue(throttler, flow="light")  # the default room is full now
+    # Places are counted within the class: light (1) against heavy (2: one waiter, one slot of
+    # the default class) is refused; heavy's critical place and light's sheddable one count
+    # in their own classes.
     assert refused(throttler, flow="light").reason == "queue_full"
     assert (places(throttler, "heavy"), places(throttler, "heavy", "critical")) == (2, 1)
-    assert serve_all(holder, {"c1": c1, "h1": h1, "l1": l1}) == ["c1", "h1", "l1"]
+    assert places(throttler, "light", "sheddable") == 1
+    assert [outcome(w) for w in (h1, c1, s1, l1)] == [None, None, None, None]
+    waiting = {"c1": c1, "h1": h1, "l1": l1, "s1": s1}
+    assert serve_all(holder, waiting) == ["c1", "h1", "l1", "s1"]
 
 
 def test_requests_without_a_flow_neither_take_nor_give_up_places_by_fairness() -> None:
@@ -307,7 +309,6 @@ def test_unflowed_arrivals_never_take_a_flow_s_place() -> None:
     holder = throttler.acquire(flow="heavy")
     h1, h2 = queue(throttler, flow="heavy"), queue(throttler, flow="heavy")
     assert refused(throttler).reason == "queue_full"  # as without flows: the room is full
-    assert refused(throttler, "sheddable").reason == "queue_full"
     assert (outcome(h1), outcome(h2)) == (None, None)
     assert serve_all(holder, {"h1": h1, "h2": h2}) == ["h1", "h2"]
 
@@ -349,11 +350,7 @@ def test_places_are_given_back_on_every_way_out() -> None:
 def test_flows_that_leave_the_queue_any_way_leave_no_entry() -> None:
     clock = Clock()
     throttler = Throttler(
-        max_concurrency=1,
-        max_queue=2,
-        queue_timeout=0.0,
-        shed_thresholds={"sheddable": 1.0},
-        clock=clock,
+        max_concurrency=1, max_queue=3, queue_timeout=0.0, flow_queue_limit=2, clock=clock
     )
     holder = throttler.acquire()
     cancelled = queue(throttler, flow="cancelled")
@@ -363,12 +360,14 @@ def test_flows_that_leave_the_queue_any_way_leave_no_entry() -> None:
     with pytest.raises(Overloaded):
         timed_out.wait()  # queue_timeout=0: times out at once
     assert flow_sizes(throttler) == [0, 0, 0]
-    evicted = queue(throttler, "sheddable", flow="evicted")
     served = throttler.admit(flow="served", timeout=5)  # it waits for the holder's slot
     assert isinstance(served, Waiting)
-    queue(throttler, "critical", flow="evictor").cancel()  # the room is full: evicts
-    assert outcome(evicted) == "queue_full"
-    assert flow_sizes(throttler) == [0, 1, 0]
+    kept, evicted = queue(throttler, flow="crowd"), queue(throttler, flow="crowd")
+    # The room is full; "evictor" (no place) against "crowd" (two): crowd's newest goes.
+    queue(throttler, flow="evictor").cancel()
+    assert (outcome(kept), outcome(evicted)) == (None, "queue_full")
+    assert flow_sizes(throttler) == [0, 2, 0]
+    kept.cancel()
     holder.release()
     served.wait().release()
     assert flow_sizes(throttler) == [0, 0, 0]

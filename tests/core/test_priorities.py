@@ -123,6 +123,62 @@ def test_higher_class_is_served_first_then_arrival_order() -> None:
     assert stats.admitted_by_priority == {"critical": 2, "default": 3, "sheddable": 2}
 
 
+def test_a_young_backlog_is_served_in_arrival_order_across_classes() -> None:
+    clock = Clock()
+    throttler = Throttler(max_concurrency=1, max_queue=4, clock=clock)
+    assert throttler.class_order_after == 0.1
+    holder = throttler.acquire()
+    waiting = {}
+    for label, priority in [("s1", "sheddable"), ("d1", None), ("c1", "critical")]:
+        waiting[label] = queue(throttler, priority)
+        clock.advance(0.01)
+    # Someone has waited for 30 ms: a burst, served as it came.
+    holder.release()
+    assert outcome(waiting["s1"]) == "granted"
+    holder = waiting.pop("s1").wait()
+    waiting["s2"] = queue(throttler, "sheddable")
+    # 100 ms into the backlog: it is overload, and the highest class goes first.
+    clock.advance(0.08)
+    assert serve_all(holder, waiting) == ["c1", "d1", "s2"]
+
+
+def test_class_order_after_zero_serves_the_highest_class_first_at_once() -> None:
+    clock = Clock()
+    throttler = Throttler(max_concurrency=1, max_queue=4, class_order_after=0, clock=clock)
+    holder = throttler.acquire()
+    waiting = {}
+    for label, priority in [("s1", "sheddable"), ("d1", None), ("c1", "critical")]:
+        waiting[label] = queue(throttler, priority)
+        clock.advance(0.01)
+    assert serve_all(holder, waiting) == ["c1", "d1", "s1"]
+
+
+def test_the_backlog_outlives_an_instant_s_gap_but_not_a_pause() -> None:
+    clock = Clock()
+    throttler = Throttler(max_concurrency=1, max_queue=4, clock=clock)
+    permit = throttler.acquire()
+    # Services of 10 ms, each handing its slot to the next arrival: the queue empties at every
+    # grant, for no time at all, and the pace of releases is 10 ms.
+    for _ in range(12):
+        following = queue(throttler)
+        clock.advance(0.01)
+        permit.release()
+        permit = following.wait()
+    assert throttler._release_gap == pytest.approx(0.01)
+    # One backlog of 120 ms: the highest class first.
+    waiting = {"s1": queue(throttler, "sheddable")}
+    clock.advance(0.001)
+    waiting["c1"] = queue(throttler, "critical")
+    assert serve_all(permit, waiting) == ["c1", "s1"]
+    # The queue stayed empty for longer than a release interval: the next backlog is new.
+    clock.advance(0.05)
+    permit = throttler.acquire()
+    waiting = {"s2": queue(throttler, "sheddable")}
+    clock.advance(0.001)
+    waiting["c2"] = queue(throttler, "critical")
+    assert serve_all(permit, waiting) == ["s2", "c2"]
+
+
 def test_permits_and_events_carry_the_class() -> None:
     clock = Clock()
     throttler = Throttler(max_concurrency=1, max_queue=2, clock=clock)
@@ -165,42 +221,39 @@ def test_custom_classes_and_default() -> None:
 # -- eviction ---------------------------------------------------------------------------------
 
 
-def test_full_queue_refuses_the_newest_of_the_lowest_class_for_a_higher_arrival() -> None:
+def test_each_class_waits_in_a_room_of_its_own() -> None:
     clock = Clock()
-    throttler = Throttler(
-        max_concurrency=1, max_queue=3, shed_thresholds={"sheddable": 1.0}, clock=clock
-    )
+    throttler = Throttler(max_concurrency=1, max_queue=2, clock=clock)
     events = Events()
     throttler.add_listener(events)
     holder = throttler.acquire()
-    s1 = queue(throttler, "sheddable")
-    s2 = queue(throttler, "sheddable")
-    d1 = queue(throttler)
-    clock.advance(0.5)
-    events.seen.clear()
-
-    c1 = queue(throttler, "critical")  # the room is full: the newest sheddable makes room
-    assert (outcome(s1), outcome(s2)) == (None, "queue_full")
-    assert events.seen == [("shed", "sheddable", "queue_full", 0.5), ("queue", "critical")]
-    with pytest.raises(Overloaded) as info:
-        s2.wait()
-    assert (info.value.reason, info.value.priority) == ("queue_full", "sheddable")
-
-    d2 = queue(throttler)  # a default arrival also outranks the last sheddable waiter
-    assert outcome(s1) == "queue_full"
-    # Now only equal or higher classes wait: the arrival itself is refused.
-    assert refused(throttler).priority == "default"
-    assert refused(throttler, "sheddable").priority == "sheddable"
-    assert refused(throttler, "sheddable").reason == "queue_full"
+    s1, s2 = queue(throttler, "sheddable"), queue(throttler, "sheddable")
+    refusal = refused(throttler, "sheddable")  # its room is full
+    assert (refusal.reason, refusal.priority) == ("queue_full", "sheddable")
+    # The rooms above are untouched: a higher arrival takes nobody's place.
+    waiting = {"d1": queue(throttler), "c1": queue(throttler, "critical")}
+    waiting["c2"] = queue(throttler, "critical")
+    waiting["d2"] = queue(throttler)
+    assert refused(throttler).reason == "queue_full"
+    assert refused(throttler, "critical").priority == "critical"
+    assert (outcome(s1), outcome(s2)) == (None, None)
+    assert ("shed", "sheddable", "queue_full", 0.0) in events.seen
     stats = throttler.stats()
-    assert stats.queued_by_priority == {"critical": 1, "default": 2, "sheddable": 0}
-    assert stats.shed_by_priority["sheddable"]["queue_full"] == 4
-    assert stats.shed_by_priority["default"]["queue_full"] == 1
-    assert stats.shed_total["queue_full"] == 5
-    assert serve_all(holder, {"c1": c1, "d1": d1, "d2": d2}) == ["c1", "d1", "d2"]
+    assert stats.queued == 6  # max_queue in each class
+    assert stats.queued_by_priority == {"critical": 2, "default": 2, "sheddable": 2}
+    assert stats.load == (1 + 6) / (1 + 2)  # the house can be more than full
+    assert stats.overloaded
+    assert {p: c["queue_full"] for p, c in stats.shed_by_priority.items()} == {
+        "critical": 1,
+        "default": 1,
+        "sheddable": 1,
+    }
+    waiting |= {"s1": s1, "s2": s2}
+    # All arrived at the same instant: class order (ties go to the higher class).
+    assert serve_all(holder, waiting) == ["c1", "c2", "d1", "d2", "s1", "s2"]
 
 
-def test_a_critical_arrival_is_refused_only_when_the_room_is_all_critical() -> None:
+def test_a_critical_arrival_is_refused_when_its_room_is_full() -> None:
     throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock())
     holder = throttler.acquire()
     waiting = {"c1": queue(throttler, "critical"), "c2": queue(throttler, "critical")}
@@ -210,35 +263,16 @@ def test_a_critical_arrival_is_refused_only_when_the_room_is_all_critical() -> N
     assert serve_all(holder, waiting) == ["c1", "c2"]
 
 
-@pytest.mark.parametrize("discipline", ["fifo", "lifo"])
-def test_eviction_takes_the_lowest_class_under_every_discipline(discipline: str) -> None:
-    throttler = Throttler(
-        max_concurrency=1,
-        max_queue=3,
-        queue_discipline=discipline,
-        shed_thresholds={"sheddable": 1.0},
-        clock=Clock(),
-    )
-    holder = throttler.acquire()
-    d1 = queue(throttler)
-    s1 = queue(throttler, "sheddable")
-    s2 = queue(throttler, "sheddable")
-    c1 = queue(throttler, "critical")
-    # The lowest class pays, even under LIFO (which, within a class, refuses the oldest).
-    assert [outcome(w) for w in (d1, s1, s2)] == [None, None, "queue_full"]
-    assert serve_all(holder, {"d1": d1, "s1": s1, "c1": c1}) == ["c1", "d1", "s1"]
-
-
 def test_lifo_full_room_refuses_its_oldest_of_the_same_class() -> None:
     throttler = Throttler(max_concurrency=1, max_queue=3, queue_discipline="lifo", clock=Clock())
     holder = throttler.acquire()
     d1, d2, d3 = queue(throttler), queue(throttler), queue(throttler)
-    c1 = queue(throttler, "critical")  # a higher class: the newest default waiter goes
-    assert [outcome(w) for w in (d1, d2, d3)] == [None, None, "queue_full"]
-    d4 = queue(throttler)  # same class, LIFO: the oldest default waiter goes
+    c1 = queue(throttler, "critical")  # a room of its own: nobody goes
+    assert [outcome(w) for w in (d1, d2, d3)] == [None, None, None]
+    d4 = queue(throttler)  # its class's room is full, LIFO: the oldest default waiter goes
     assert outcome(d1) == "queue_full"
-    # Classes first, then newest first within a class.
-    assert serve_all(holder, {"d2": d2, "d4": d4, "c1": c1}) == ["c1", "d4", "d2"]
+    # Classes first (one instant: ties), then newest first within a class.
+    assert serve_all(holder, {"d2": d2, "d3": d3, "d4": d4, "c1": c1}) == ["c1", "d4", "d3", "d2"]
 
 
 def test_fifo_full_room_refuses_a_same_class_arrival() -> None:
@@ -306,22 +340,17 @@ def test_a_lower_shed_point_refuses_sheddable_at_three_quarters() -> None:
     s1 = queue(throttler, "sheddable")  # load 0.5 < 0.75: may wait
     refusal = refused(throttler, "sheddable")  # load 0.75: refused at once
     assert (refusal.reason, refusal.priority) == ("overloaded", "sheddable")
-    d1 = queue(throttler)  # the default class waits until the room is full
-    c1 = queue(throttler, "critical")  # full: the sheddable waiter makes room
-    assert outcome(s1) == "queue_full"
+    d1 = queue(throttler)  # the default class waits until its room is full
+    c1 = queue(throttler, "critical")
+    assert outcome(s1) is None
     stats = throttler.stats()
     assert stats.shed_by_priority["sheddable"] == {
         **dict.fromkeys(SHED_REASONS, 0),
         "overloaded": 1,
-        "queue_full": 1,
     }
-    assert stats.load == 1.0
-    holders[0].release()
-    assert outcome(c1) == "granted"
+    assert stats.load == 5 / 4
+    assert serve_all(holders[0], {"s1": s1, "d1": d1, "c1": c1}) == ["c1", "d1", "s1"]
     holders[1].release()
-    assert outcome(d1) == "granted"
-    d1.wait().release()
-    c1.wait().release()
 
 
 def test_explicit_shed_thresholds() -> None:
@@ -336,17 +365,18 @@ def test_explicit_shed_thresholds() -> None:
     s1 = queue(throttler, "sheddable")  # load 0.1 < 0.2
     assert refused(throttler, "sheddable").reason == "overloaded"  # load 0.2
     s1.cancel()
+    # A class's load: the slots plus its own waiters, over the slots plus one room.
     waiting = {f"d{i}": queue(throttler) for i in range(1, 5)}  # up to load 0.5
     assert refused(throttler).reason == "overloaded"
-    waiting |= {f"c{i}": queue(throttler, "critical") for i in range(1, 6)}  # the room is full
-    waiting["c6"] = queue(throttler, "critical")  # the newest default waiter makes room
-    assert outcome(waiting.pop("d4")) == "queue_full"
-    assert refused(throttler).reason == "queue_full"  # a full room and no lower class in it
-    assert serve_all(holder, waiting) == ["c1", "c2", "c3", "c4", "c5", "c6", "d1", "d2", "d3"]
+    waiting |= {f"c{i}": queue(throttler, "critical") for i in range(1, 10)}  # its room, full
+    assert refused(throttler, "critical").reason == "queue_full"
+    assert all(outcome(w) is None for w in waiting.values())
+    assert serve_all(holder, waiting) == [*(f"c{i}" for i in range(1, 10)), "d1", "d2", "d3", "d4"]
 
 
 def test_a_higher_class_over_its_shed_point_takes_a_lower_class_place() -> None:
-    # shed_threshold 0.8: critical and default are refused at load 0.8, sheddable at 0.6.
+    # shed_threshold 0.8: every class is refused once the house is at 0.8 (its shed point
+    # reads every class's waiters).
     throttler = Throttler(max_concurrency=1, max_queue=4, shed_threshold=0.8, clock=Clock())
     holder = throttler.acquire()
     s1 = queue(throttler, "sheddable")  # load 0.2
@@ -378,6 +408,8 @@ def test_a_higher_class_over_its_shed_point_takes_a_lower_class_place() -> None:
         ({"shed_thresholds": {"sheddable": 1.5}}, ValueError, "shed_thresholds['sheddable']"),
         ({"shed_thresholds": [("sheddable", 0.5)]}, TypeError, "shed_thresholds must be"),
         ({"flow_queue_limit": 0}, ValueError, "flow_queue_limit"),
+        ({"class_order_after": -0.1}, ValueError, "class_order_after"),
+        ({"class_order_after": "soon"}, TypeError, "class_order_after"),
     ],
 )
 def test_bad_class_configuration_names_the_parameter(
@@ -550,10 +582,13 @@ class Tally(ThrottlerListener):
     released: int = 0
     peak_in_flight: int = 0
     peak_queued: int = 0
+    peak_in_a_class: int = 0
 
     def on_queue(self, throttler: Throttler, priority: str) -> None:
+        in_class = throttler.stats().queued_by_priority[priority]
         with self.lock:
             self.peak_queued = max(self.peak_queued, throttler.queued)
+            self.peak_in_a_class = max(self.peak_in_a_class, in_class)
 
     def on_admit(self, throttler: Throttler, waited: float, priority: str) -> None:
         with self.lock:
@@ -578,7 +613,8 @@ def check_balanced(throttler: Throttler, tally: Tally, attempts: int) -> None:
     assert (stats.in_flight, stats.queued) == (0, 0)
     assert all(n == 0 for n in stats.queued_by_priority.values())
     assert tally.peak_in_flight <= throttler.max_concurrency
-    assert tally.peak_queued <= throttler.max_queue
+    assert tally.peak_in_a_class <= throttler.max_queue  # each class has a room of its own
+    assert tally.peak_queued <= throttler.max_queue * len(throttler.priorities)
     admitted = sum(tally.admitted.values())
     assert admitted == tally.released == stats.admitted_total
     assert admitted + sum(tally.shed.values()) + tally.cancelled == attempts

@@ -117,27 +117,27 @@ def test_admitted_and_shed_are_labelled_by_class_never_by_flow(
 ) -> None:
     throttler = Throttler(
         max_concurrency=1,
-        max_queue=2,
+        max_queue=1,
         queue_timeout=30,
         priorities=("gold", "silver", "bronze"),
         default_priority="silver",
+        class_order_after=0,  # the highest class first at once
         name="classes",
     )
     instrument(throttler, registry=registry, multiprocess=multiprocess)
     holder = throttler.acquire(priority="gold", flow="tenant-0")
     bronze = throttler.admit(priority="bronze", flow="tenant-1")
     silver = throttler.admit(flow="tenant-2")
-    gold = throttler.admit(priority="gold", flow="tenant-3")  # the room is full: bronze goes
-    refused = throttler.admit(flow="tenant-4")
-    assert isinstance(refused, Overloaded)
-    assert isinstance(bronze, shedder.Waiting)
-    with pytest.raises(Overloaded):
-        bronze.wait()
-    assert isinstance(gold, shedder.Waiting)
-    assert isinstance(silver, shedder.Waiting)
+    gold = throttler.admit(priority="gold", flow="tenant-3")
+    # Each class's room (one place) is full now.
+    assert isinstance(throttler.admit(flow="tenant-4"), Overloaded)
+    assert isinstance(throttler.admit(priority="bronze", flow="tenant-5"), Overloaded)
+    waiting = [gold, silver, bronze]
+    assert all(isinstance(w, shedder.Waiting) for w in waiting)
     holder.release()
-    gold.wait().release()
-    silver.wait().release()
+    for decision in waiting:  # served highest class first
+        assert isinstance(decision, shedder.Waiting)
+        decision.wait().release()
 
     samples = scrape(registry)
     assert_matches_stats(samples, throttler)
@@ -145,7 +145,7 @@ def test_admitted_and_shed_are_labelled_by_class_never_by_flow(
         p: value(samples, "shedder_throttler_admitted_total", throttler="classes", priority=p)
         for p in throttler.priorities
     }
-    assert admitted == {"gold": 2, "silver": 1, "bronze": 0}
+    assert admitted == {"gold": 2, "silver": 1, "bronze": 1}
     for priority, shed in [("bronze", 1), ("silver", 1), ("gold", 0)]:
         labels = {"throttler": "classes", "priority": priority, "reason": "queue_full"}
         assert value(samples, "shedder_throttler_shed_total", **labels) == shed

@@ -6,9 +6,9 @@ blocks or awaits while holding it.
 
 Admission is one synchronous step (:meth:`Throttler.admit`): under the lock it admits, refuses
 or queues the arrival, and only an arrival that really has to wait allocates a waiter. Who waits
-and who is refused first is decided by priority classes (a lower class is refused first and
-served last), flows (served in turn inside a class) and the queue discipline (a strategy object
-consulted under the lock).
+and who is refused first is decided by priority classes (each waits in a room of its own; under
+overload a lower class is served last and refused first), flows (served in turn inside a class)
+and the queue discipline (a strategy object consulted under the lock).
 """
 
 from __future__ import annotations
@@ -327,6 +327,7 @@ class ThrottlerOptions(TypedDict, total=False):
     default_priority: str
     shed_thresholds: Mapping[str, float]
     flow_queue_limit: int | None
+    class_order_after: float
     name: str
     clock: Callable[[], float]
 
@@ -337,7 +338,8 @@ class Throttler:
     Args:
         max_concurrency: slots: requests that may run at once (int >= 1), or a
             :class:`shedder.limits.Limit` algorithm that learns the limit from latency.
-        max_queue: how many more may wait for a slot (>= 0). Defaults to the (initial) limit.
+        max_queue: how many more may wait for a slot (>= 0), in each priority class (see
+            ``priorities``). Defaults to the (initial) limit.
         queue_timeout: longest wait for a slot, in seconds (>= 0; ``math.inf`` for no limit).
         shed_threshold: refuse at once, with reason ``"overloaded"``, an arrival that would have
             to wait while ``load >= shed_threshold`` (0 < t <= 1; 1.0 sheds only on a full queue
@@ -356,21 +358,29 @@ class Throttler:
         codel_target: seconds; the wait allowed while a standing queue is detected.
         codel_interval: seconds the queue must stay non-empty to count as standing.
         priorities: the priority classes, highest first (default: critical, default,
-            sheddable). Waiters of a higher class are served first; a full queue refuses the
-            newest waiter of the lowest class to make room for a higher-class arrival; and each
-            class has its own shed point (``shed_thresholds``).
+            sheddable). Each class waits in a room of its own of ``max_queue`` places, so no
+            class takes another's place for lack of room; a backlog older than
+            ``class_order_after`` is served highest class first; and each class may have its
+            own shed point (``shed_thresholds``), past which a higher class takes the newest
+            place of a lower one rather than be refused.
         default_priority: the class of a request that names none (default ``"default"``).
         shed_thresholds: per-class ``shed_threshold`` (an unnamed class uses
             ``shed_threshold``), e.g. ``{"sheddable": 0.75}`` to stop queueing sheddable work
-            once the house is three quarters full. By default every class has the same point:
-            a lower class is refused first by being served last and giving up its place to a
-            higher arrival, not by refusals at ordinary load (measured: a 0.75 default refused
-            sheddable work 3x as often at 0.9x load as no classes did).
+            once the house (every class's waiters) is three quarters full. 1.0 is no shed point:
+            the class's full room refuses it. By default every class has ``shed_threshold``: a
+            lower class is refused first by being served last under overload, not by refusals
+            at ordinary load (measured: a 0.75 default refused sheddable work 3x as often at
+            0.9x load as no classes did).
         flow_queue_limit: most waiters one flow (tenant, API key, client) may have queued in a
             class; default: half of ``max_queue`` (at least 1). Flows are served in turn, and a
             flow is never refused a place while another flow of its class with waiters holds
             two or more places (waiters and slots) more than it: that flow's newest waiter is
             refused instead, or, if the room has space, the arrival waits past this limit.
+        class_order_after: seconds (>= 0) a backlog must last before waiters are served
+            highest class first; until then they are served in arrival order across classes.
+            A burst that drains within it delays nobody much, and letting a higher class jump
+            ahead there only keeps lower-class waiters in their room longer, to be refused for
+            it (measured at 0.9x load). 0: always highest class first.
         name: label for metrics and health reports.
         clock: monotonic clock in seconds (for simulations; waiting always uses real time).
 
@@ -398,6 +408,7 @@ class Throttler:
         default_priority: str = "default",
         shed_thresholds: Mapping[str, float] | None = None,
         flow_queue_limit: int | None = None,
+        class_order_after: float = 0.1,
         name: str = "default",
         clock: Callable[[], float] = monotonic,
     ) -> None:
@@ -449,6 +460,7 @@ class Throttler:
         self._thresholds = _class_thresholds(
             self._priorities, self._default_rank, self._shed_threshold, shed_thresholds
         )
+        self._class_order_after = check_seconds("class_order_after", class_order_after)
         self._flow_queue_limit = (
             max(1, (self._max_queue + 1) // 2)
             if flow_queue_limit is None
@@ -481,6 +493,11 @@ class Throttler:
         self._release_gap = 0.0
         self._gap_samples = 0
         self._last_busy_release: float | None = None  # None: a slot went idle since
+        # The current backlog: since when someone has waited, bridging gaps shorter than one
+        # release interval (a batch of releases empties the queue for an instant under
+        # sustained overload: that is not the backlog ending). See class_order_after.
+        self._backlog_since = 0.0
+        self._emptied_at = -math.inf  # when grants last emptied the queue
         # Permits of a flow -> (class, flow): their slots count among the flow's places (see
         # WaiterQueue.hold) until released. Kept here rather than on Permit, whose every
         # construction it would slow (measured ~70 ns an admission without flows).
@@ -533,6 +550,10 @@ class Throttler:
     @property
     def queue_timeout(self) -> float:
         return self._queue_timeout
+
+    @property
+    def class_order_after(self) -> float:
+        return self._class_order_after
 
     @property
     def shed_threshold(self) -> float:
@@ -704,15 +725,16 @@ class Throttler:
             else:
                 permit = None
                 wait_for = self._queue_timeout if timeout is None else timeout
-                size = self._queue.size
+                queue = self._queue
+                size = queue.size
                 if (
                     size >= self._max_queue
                     and flow is None
                     and self._plain_fifo
-                    and (not size or self._queue.lowest_rank() <= rank)
+                    and queue.count(rank) >= self._max_queue
                 ):
-                    # The usual refusal under overload, decided without another call: the room
-                    # is full and nobody in it is of a lower class.
+                    # The usual refusal under overload, decided without another call: the
+                    # class's room is full.
                     self._shed[rank]["queue_full"] += 1
                     refusal = (
                         self._fixed_refusals[rank]["queue_full"]
@@ -744,7 +766,9 @@ class Throttler:
                         if waiter == "thread"
                         else _AsyncWaiter(asyncio.get_running_loop())
                     )
-                    self._queue.push(queued, rank, flow, now)
+                    if not queue.size and now - self._emptied_at > self._release_gap:
+                        self._backlog_since = now  # a new backlog, not an instant's gap
+                    queue.push(queued, rank, flow, now)
         finally:
             lock.release()
         # Listeners hear of it outside the lock (they may read stats()).
@@ -777,11 +801,11 @@ class Throttler:
 
         The lane answers ``answer`` (the caller's form of ``_quick_refusal(rank)``: the refusal
         itself, or an adapter's encoded response) and counts the refusal when every slot is
-        taken and the queue is full with nobody of a lower class in it; else None, and
+        taken and the class's room is full; else None, and
         :meth:`admit` decides. The adapters ask it before they read a request's headers: under
         overload most arrivals are refused, and no deadline can turn this refusal into anything
         else. It takes no lock: under the GIL each read is atomic, the queue is read before the
-        slots (a waiter exists only while every slot is taken, so a full queue read here means
+        slots (a waiter exists only while every slot is taken, so a full room read here means
         the slots were full then as well), and the refusal is counted with one next() on an
         itertools.count. A closure over what it reads, because it runs for every refused
         request.
@@ -789,16 +813,11 @@ class Throttler:
         refusal = self._quick_refusal(rank)
         if refusal is None:
             return None
-        queue = self._queue
+        room = self._queue.waiters_of(rank)
         count = self._quick_counts[rank]
 
         def refuse_full() -> _A | None:
-            size = queue.size
-            if (
-                size < self._max_queue
-                or self._in_flight < self._max_concurrency
-                or (size and queue.lowest_rank() > rank)  # a lower class waits: it makes room
-            ):
+            if len(room) < self._max_queue or self._in_flight < self._max_concurrency:
                 return None
             next(count)
             if self._listeners:
@@ -904,7 +923,7 @@ class Throttler:
             if discipline.stale_after is not None and queue.size:
                 self._shed_stale_locked(now, discipline.stale_after, evicted)
         reason: ShedReason
-        size = queue.size
+        own = queue.count(rank)  # the class's room (each class has one of max_queue places)
         # Fairness inside the class (fair queuing's longest-queue drop): a flow that would be
         # refused a place while another flow of its class holds two or more places (waiters
         # and slots) more than it does takes the newest place of the flow holding the most.
@@ -916,27 +935,29 @@ class Throttler:
             fuller = queue.fuller_flow(rank, flow)
         if capped and fuller is None:
             reason = "queue_full"  # this flow's share of the room is full
-        elif size >= self._max_queue:
+        elif own >= self._max_queue:
+            # The class's room is full (a lower class has a room of its own: it holds none of
+            # these places). A flow below its share takes the fullest flow's newest place.
             victim = None
-            if size:
-                lowest = queue.lowest_rank()
-                if lowest > rank:
-                    victim = queue.newest(lowest)  # a lower class makes room for a higher one
-                else:
-                    if flow is not None and not capped:
-                        fuller = queue.fuller_flow(rank, flow)
-                    if fuller is not None:
-                        victim = self._fair_victim(rank, fuller)
-                    elif lowest == rank and discipline.evict_oldest:
-                        victim = queue.oldest(rank)
+            if own:
+                if flow is not None and not capped:
+                    fuller = queue.fuller_flow(rank, flow)
+                if fuller is not None:
+                    victim = self._fair_victim(rank, fuller)
+                elif discipline.evict_oldest:
+                    victim = queue.oldest(rank)
             if victim is None:
                 reason = "queue_full"
             else:
                 self._evict_locked(victim, "queue_full", evicted)
                 return None, wait_for
-        elif (self._in_flight + size) / (
-            self._max_concurrency + self._max_queue
-        ) >= self._thresholds[rank]:
+        elif (
+            self._in_flight
+            # A shed point below 1 reads the whole house (every class's waiters, so lower
+            # classes can be refused at a load higher ones never see); at 1 there is none,
+            # and the class's own room decides (its test here is then only the room's).
+            + (own if (threshold := self._thresholds[rank]) >= 1.0 else queue.size)
+        ) / (self._max_concurrency + self._max_queue) >= threshold:
             lowest = queue.lowest_rank()
             if lowest > rank:
                 # Over its shed point, a higher class still goes before a lower one: it takes
@@ -1034,7 +1055,7 @@ class Throttler:
                 self._in_flight -= 1
                 if waiter.flow is not None:
                     self._queue.unhold(rank, waiter.flow)
-                self._fill_slots_locked()
+                self._fill_slots_locked(now)
                 reason = waiting._reason
                 self._shed[rank][reason] += 1
                 refusal = Overloaded(reason, self._retry_after_locked(), self._priorities[rank])
@@ -1076,7 +1097,7 @@ class Throttler:
                 self._in_flight -= 1
                 if waiter.flow is not None:
                     self._queue.unhold(waiter.rank, waiter.flow)
-                self._fill_slots_locked()
+                self._fill_slots_locked(self._clock())
             elif outcome is None:
                 # Normally still queued; a waiter skipped because its loop closed is not.
                 self._queue.remove(waiter)
@@ -1127,7 +1148,7 @@ class Throttler:
                         samples, _GAP_WINDOW
                     )
                 self._last_busy_release = now
-                self._fill_slots_locked()
+                self._fill_slots_locked(now)
             else:
                 self._last_busy_release = None  # this slot goes idle: the run ends
             listeners = self._listeners
@@ -1137,18 +1158,26 @@ class Throttler:
             self._notify("on_release", held)
         return True
 
-    def _fill_slots_locked(self) -> None:
-        """Hand free slots to waiters: highest class first, flows in turn, per the discipline."""
+    def _fill_slots_locked(self, now: float) -> None:
+        """Hand free slots to waiters (``now`` on the throttler's clock): in arrival order
+        across classes while the backlog is younger than ``class_order_after``, highest class
+        first after; flows in turn; per the discipline."""
         queue = self._queue
-        now = monotonic()
-        while queue and self._in_flight < self._max_concurrency:
-            # hold=True: a flow's waiter keeps its place as it takes the slot.
-            waiter: Any = queue.pop_next(self._discipline.newest_first, hold=True)
-            waiter.granted_at = now
-            if waiter.wake(_GRANTED):
-                self._in_flight += 1
-            elif waiter.flow is not None:
-                queue.unhold(waiter.rank, waiter.flow)
+        if queue:
+            by_class = now - self._backlog_since >= self._class_order_after
+            granted_at = monotonic()
+            while queue and self._in_flight < self._max_concurrency:
+                # hold=True: a flow's waiter keeps its place as it takes the slot.
+                waiter: Any = queue.pop_next(self._discipline.newest_first, True, by_class)
+                waiter.granted_at = granted_at
+                if waiter.wake(_GRANTED):
+                    self._in_flight += 1
+                elif waiter.flow is not None:
+                    queue.unhold(waiter.rank, waiter.flow)
+            if not queue:
+                # Drained by grants (other removals leave the mark older, so the next backlog
+                # counts as new: arrival order, the side that refuses nobody for it).
+                self._emptied_at = now
         if self._in_flight < self._max_concurrency:
             self._last_busy_release = None  # a slot is idle: the run ends
 

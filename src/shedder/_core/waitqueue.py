@@ -1,5 +1,9 @@
 """The waiting room: waiters ordered by priority class, then by flow in turn, then by arrival.
 
+Across classes the owner chooses, at each grant: the highest class first (``by_class``), or
+the class whose longest-waiting waiter (newest, under LIFO) came first, that is arrival order
+(the throttler serves a short burst so: see ``class_order_after``).
+
 Used under its owner's lock only; every operation is O(1) in the number of waiters (O(classes)
 to find the highest or lowest non-empty class, and there are a handful), but for the places
 of flows, kept in a heap: O(log n). With one class and no flows it is a plain arrival-ordered
@@ -21,7 +25,7 @@ from __future__ import annotations
 
 import heapq
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator
+from collections.abc import Hashable, Iterator, Sized
 from typing import Protocol
 
 __all__ = ["QueuedWaiter", "WaiterQueue"]
@@ -81,6 +85,11 @@ class WaiterQueue:
         """Waiters of class ``rank``."""
         return len(self._classes[rank].order)
 
+    def waiters_of(self, rank: int) -> Sized:
+        """The waiters of class ``rank``, live (the same object for the queue's lifetime): a
+        caller that only needs their number can hold it and call ``len()``."""
+        return self._classes[rank].order
+
     def flow_count(self, rank: int, flow: Hashable) -> int:
         """Waiters of ``flow`` in class ``rank``."""
         line = self._classes[rank].flows.get(flow)
@@ -120,13 +129,20 @@ class WaiterQueue:
         self.size -= 1
         return True
 
-    def pop_next(self, newest_first: bool, hold: bool = False) -> QueuedWaiter:
-        """The next waiter to serve: highest class, the flow whose turn it is, oldest (newest).
+    def pop_next(
+        self, newest_first: bool, hold: bool = False, by_class: bool = True
+    ) -> QueuedWaiter:
+        """The next waiter to serve: of the highest class with waiters (``by_class``) or of the
+        class whose oldest waiter arrived first (newest: last), then of the flow whose turn it
+        is, its oldest (newest).
 
         ``hold``: the waiter is given a slot, so its flow keeps the place (see :meth:`hold`;
         call :meth:`unhold` if the grant fails).
         """
-        for line in self._classes:
+        lines = self._classes
+        if not by_class:
+            lines = [self._first_come(newest_first)]
+        for line in lines:
             if line.order:
                 # Newest first reads the turns backwards too: with one flow per request (a flow
                 # per client address) it must still serve the latest arrival.
@@ -148,6 +164,20 @@ class WaiterQueue:
                         self._mark(line, flow)
                 return waiter
         raise IndexError("pop from an empty WaiterQueue")
+
+    def _first_come(self, newest_first: bool) -> _ClassLine:
+        """The class whose head (oldest waiter; newest under LIFO) arrived first (last)."""
+        best: _ClassLine | None = None
+        best_since = 0.0
+        for line in self._classes:
+            order = line.order
+            if order:
+                since = next(reversed(order) if newest_first else iter(order)).since
+                if best is None or (since > best_since if newest_first else since < best_since):
+                    best, best_since = line, since
+        if best is None:
+            raise IndexError("pop from an empty WaiterQueue")
+        return best
 
     def hold(self, rank: int, flow: Hashable) -> None:
         """A request of ``flow`` (not None) took a slot in class ``rank`` without waiting."""
