@@ -222,35 +222,39 @@ def test_custom_classes_and_default() -> None:
 
 
 def test_each_class_waits_in_a_room_of_its_own() -> None:
-    clock = Clock()
-    throttler = Throttler(max_concurrency=1, max_queue=2, clock=clock)
+    throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock())
     events = Events()
     throttler.add_listener(events)
     holder = throttler.acquire()
     s1, s2 = queue(throttler, "sheddable"), queue(throttler, "sheddable")
-    refusal = refused(throttler, "sheddable")  # its room is full
+    refusal = refused(throttler, "sheddable")  # its room is full, and no class is lower
     assert (refusal.reason, refusal.priority) == ("queue_full", "sheddable")
-    # The rooms above are untouched: a higher arrival takes nobody's place.
+    # The rooms above are empty: higher arrivals wait there, and nobody gives way.
     waiting = {"d1": queue(throttler), "c1": queue(throttler, "critical")}
     waiting["c2"] = queue(throttler, "critical")
     waiting["d2"] = queue(throttler)
-    assert refused(throttler).reason == "queue_full"
-    assert refused(throttler, "critical").priority == "critical"
     assert (outcome(s1), outcome(s2)) == (None, None)
-    assert ("shed", "sheddable", "queue_full", 0.0) in events.seen
     stats = throttler.stats()
     assert stats.queued == 6  # max_queue in each class
     assert stats.queued_by_priority == {"critical": 2, "default": 2, "sheddable": 2}
     assert stats.load == (1 + 6) / (1 + 2)  # the house can be more than full
     assert stats.overloaded
-    assert {p: c["queue_full"] for p, c in stats.shed_by_priority.items()} == {
-        "critical": 1,
+    # A class whose room is full takes the newest place of the lowest class that waits.
+    waiting["c3"] = queue(throttler, "critical")
+    assert (outcome(s1), outcome(s2)) == (None, "queue_full")
+    waiting["d3"] = queue(throttler)
+    assert outcome(s1) == "queue_full"
+    assert ("shed", "sheddable", "queue_full", 0.0) in events.seen
+    # Every place of the house is taken and no lower class waits: refused.
+    assert refused(throttler).reason == "queue_full"
+    assert throttler.queued == 6
+    assert {p: c["queue_full"] for p, c in throttler.stats().shed_by_priority.items()} == {
+        "critical": 0,
         "default": 1,
-        "sheddable": 1,
+        "sheddable": 3,
     }
-    waiting |= {"s1": s1, "s2": s2}
     # All arrived at the same instant: class order (ties go to the higher class).
-    assert serve_all(holder, waiting) == ["c1", "c2", "d1", "d2", "s1", "s2"]
+    assert serve_all(holder, waiting) == ["c1", "c2", "c3", "d1", "d2", "d3"]
 
 
 def test_a_critical_arrival_is_refused_when_its_room_is_full() -> None:
@@ -369,9 +373,10 @@ def test_explicit_shed_thresholds() -> None:
     waiting = {f"d{i}": queue(throttler) for i in range(1, 5)}  # up to load 0.5
     assert refused(throttler).reason == "overloaded"
     waiting |= {f"c{i}": queue(throttler, "critical") for i in range(1, 10)}  # its room, full
-    assert refused(throttler, "critical").reason == "queue_full"
     assert all(outcome(w) is None for w in waiting.values())
-    assert serve_all(holder, waiting) == [*(f"c{i}" for i in range(1, 10)), "d1", "d2", "d3", "d4"]
+    waiting["c10"] = queue(throttler, "critical")  # the newest default waiter gives way
+    assert outcome(waiting.pop("d4")) == "queue_full"
+    assert serve_all(holder, waiting) == [*(f"c{i}" for i in range(1, 11)), "d1", "d2", "d3"]
 
 
 def test_a_higher_class_over_its_shed_point_takes_a_lower_class_place() -> None:
@@ -582,13 +587,10 @@ class Tally(ThrottlerListener):
     released: int = 0
     peak_in_flight: int = 0
     peak_queued: int = 0
-    peak_in_a_class: int = 0
 
     def on_queue(self, throttler: Throttler, priority: str) -> None:
-        in_class = throttler.stats().queued_by_priority[priority]
         with self.lock:
             self.peak_queued = max(self.peak_queued, throttler.queued)
-            self.peak_in_a_class = max(self.peak_in_a_class, in_class)
 
     def on_admit(self, throttler: Throttler, waited: float, priority: str) -> None:
         with self.lock:
@@ -613,8 +615,7 @@ def check_balanced(throttler: Throttler, tally: Tally, attempts: int) -> None:
     assert (stats.in_flight, stats.queued) == (0, 0)
     assert all(n == 0 for n in stats.queued_by_priority.values())
     assert tally.peak_in_flight <= throttler.max_concurrency
-    assert tally.peak_in_a_class <= throttler.max_queue  # each class has a room of its own
-    assert tally.peak_queued <= throttler.max_queue * len(throttler.priorities)
+    assert tally.peak_queued <= throttler.max_queue * len(throttler.priorities)  # the house
     admitted = sum(tally.admitted.values())
     assert admitted == tally.released == stats.admitted_total
     assert admitted + sum(tally.shed.values()) + tally.cancelled == attempts

@@ -129,11 +129,15 @@ def test_admitted_and_shed_are_labelled_by_class_never_by_flow(
     bronze = throttler.admit(priority="bronze", flow="tenant-1")
     silver = throttler.admit(flow="tenant-2")
     gold = throttler.admit(priority="gold", flow="tenant-3")
-    # Each class's room (one place) is full now.
-    assert isinstance(throttler.admit(flow="tenant-4"), Overloaded)
-    assert isinstance(throttler.admit(priority="bronze", flow="tenant-5"), Overloaded)
-    waiting = [gold, silver, bronze]
-    assert all(isinstance(w, shedder.Waiting) for w in waiting)
+    # Each class's room (one place) is full now: the lowest class is refused, a higher one
+    # takes the newest lower place.
+    assert isinstance(throttler.admit(priority="bronze", flow="tenant-4"), Overloaded)
+    late_silver = throttler.admit(flow="tenant-5")
+    assert isinstance(bronze, shedder.Waiting)
+    with pytest.raises(Overloaded):
+        bronze.wait()
+    assert isinstance(throttler.admit(flow="tenant-6"), Overloaded)  # no lower class waits
+    waiting = [gold, silver, late_silver]
     holder.release()
     for decision in waiting:  # served highest class first
         assert isinstance(decision, shedder.Waiting)
@@ -145,8 +149,8 @@ def test_admitted_and_shed_are_labelled_by_class_never_by_flow(
         p: value(samples, "shedder_throttler_admitted_total", throttler="classes", priority=p)
         for p in throttler.priorities
     }
-    assert admitted == {"gold": 2, "silver": 1, "bronze": 1}
-    for priority, shed in [("bronze", 1), ("silver", 1), ("gold", 0)]:
+    assert admitted == {"gold": 2, "silver": 2, "bronze": 0}
+    for priority, shed in [("bronze", 2), ("silver", 1), ("gold", 0)]:
         labels = {"throttler": "classes", "priority": priority, "reason": "queue_full"}
         assert value(samples, "shedder_throttler_shed_total", **labels) == shed
     # Bounded labels: the classes and reasons, never a flow.

@@ -358,11 +358,12 @@ class Throttler:
         codel_target: seconds; the wait allowed while a standing queue is detected.
         codel_interval: seconds the queue must stay non-empty to count as standing.
         priorities: the priority classes, highest first (default: critical, default,
-            sheddable). Each class waits in a room of its own of ``max_queue`` places, so no
-            class takes another's place for lack of room; a backlog older than
-            ``class_order_after`` is served highest class first; and each class may have its
-            own shed point (``shed_thresholds``), past which a higher class takes the newest
-            place of a lower one rather than be refused.
+            sheddable). Each class waits in a room of its own of ``max_queue`` places; an
+            arrival whose room is full takes the newest place of a lower class if one waits
+            (refusing that waiter), up to ``max_queue`` places per class in all; a backlog
+            older than ``class_order_after`` is served highest class first; and each class may
+            have its own shed point (``shed_thresholds``), past which a higher class likewise
+            takes the newest place of a lower one rather than be refused.
         default_priority: the class of a request that names none (default ``"default"``).
         shed_thresholds: per-class ``shed_threshold`` (an unnamed class uses
             ``shed_threshold``), e.g. ``{"sheddable": 0.75}`` to stop queueing sheddable work
@@ -461,6 +462,8 @@ class Throttler:
             self._priorities, self._default_rank, self._shed_threshold, shed_thresholds
         )
         self._class_order_after = check_seconds("class_order_after", class_order_after)
+        # Every class's room: a higher class may take lower places up to it (_admission_locked).
+        self._house = self._max_queue * len(self._priorities)
         self._flow_queue_limit = (
             max(1, (self._max_queue + 1) // 2)
             if flow_queue_limit is None
@@ -731,10 +734,11 @@ class Throttler:
                     size >= self._max_queue
                     and flow is None
                     and self._plain_fifo
-                    and queue.count(rank) >= self._max_queue
+                    and ((own := queue.count(rank)) >= self._max_queue or size >= self._house)
+                    and (own == size or queue.lowest_rank() <= rank)
                 ):
                     # The usual refusal under overload, decided without another call: the
-                    # class's room is full.
+                    # class's room is full and no lower class waits to give up a place.
                     self._shed[rank]["queue_full"] += 1
                     refusal = (
                         self._fixed_refusals[rank]["queue_full"]
@@ -801,7 +805,7 @@ class Throttler:
 
         The lane answers ``answer`` (the caller's form of ``_quick_refusal(rank)``: the refusal
         itself, or an adapter's encoded response) and counts the refusal when every slot is
-        taken and the class's room is full; else None, and
+        taken, the class's room is full and no lower class waits; else None, and
         :meth:`admit` decides. The adapters ask it before they read a request's headers: under
         overload most arrivals are refused, and no deadline can turn this refusal into anything
         else. It takes no lock: under the GIL each read is atomic, the queue is read before the
@@ -813,12 +817,18 @@ class Throttler:
         refusal = self._quick_refusal(rank)
         if refusal is None:
             return None
-        room = self._queue.waiters_of(rank)
+        queue = self._queue
+        room = queue.waiters_of(rank)
+        max_queue, house = self._max_queue, self._house
         count = self._quick_counts[rank]
 
         def refuse_full() -> _A | None:
-            if len(room) < self._max_queue or self._in_flight < self._max_concurrency:
+            waiting = len(room)
+            size = queue.size
+            if (waiting < max_queue and size < house) or self._in_flight < self._max_concurrency:
                 return None
+            if size > waiting and queue.lowest_rank() > rank:
+                return None  # a lower class waits: it gives up its place (admit decides)
             next(count)
             if self._listeners:
                 self._notify("on_shed", "queue_full", 0.0, refusal.priority)
@@ -923,6 +933,7 @@ class Throttler:
             if discipline.stale_after is not None and queue.size:
                 self._shed_stale_locked(now, discipline.stale_after, evicted)
         reason: ShedReason
+        size = queue.size
         own = queue.count(rank)  # the class's room (each class has one of max_queue places)
         # Fairness inside the class (fair queuing's longest-queue drop): a flow that would be
         # refused a place while another flow of its class holds two or more places (waiters
@@ -935,11 +946,16 @@ class Throttler:
             fuller = queue.fuller_flow(rank, flow)
         if capped and fuller is None:
             reason = "queue_full"  # this flow's share of the room is full
-        elif own >= self._max_queue:
-            # The class's room is full (a lower class has a room of its own: it holds none of
-            # these places). A flow below its share takes the fullest flow's newest place.
+        elif own >= self._max_queue or size >= self._house:
+            # The class's room is full (or every room is): the newest waiter of a lower class
+            # gives up its place, so that a higher class is never refused room while a lower
+            # one waits; it may so grow past its room, never past the house. Else a flow below
+            # its share takes the fullest flow's newest place.
             victim = None
-            if own:
+            lowest = queue.lowest_rank()
+            if lowest > rank:
+                victim = queue.newest(lowest)
+            elif own:
                 if flow is not None and not capped:
                     fuller = queue.fuller_flow(rank, flow)
                 if fuller is not None:
