@@ -571,18 +571,43 @@ def test_quick_lane_refuses_only_when_slots_and_queue_are_full() -> None:
     assert lane() is None
 
 
-def test_quick_lane_leaves_room_making_to_admit() -> None:
-    # A sheddable waiter fills the queue: a default arrival takes its place (admit() decides),
-    # while another sheddable arrival is refused by the lane.
+def test_quick_lane_reads_the_class_s_room_and_leaves_room_making_to_admit() -> None:
     throttler = Throttler(max_concurrency=1, max_queue=1)
     permit = throttler.acquire()
-    waiting = throttler.admit(priority="sheddable")
-    default, sheddable = (quick_lane(throttler, c) for c in ("default", "sheddable"))
+    critical, default, sheddable = (quick_lane(throttler, c) for c in throttler.priorities)
+    s1 = throttler.admit(priority="sheddable")
+    assert sheddable() is not None  # its room is full and no class is lower
+    assert default() is None  # its own room has a place
+    d1 = throttler.admit()
+    # The default room is full, but a sheddable waiter would give up its place: admit decides.
     assert default() is None
+    d2 = throttler.admit()
+    assert isinstance(s1, shedder.Waiting)
+    assert s1._waiter.outcome == "queue_full"
+    assert default() is not None  # full, and nobody lower waits
+    assert critical() is None  # a room of its own
+    c1 = throttler.admit(priority="critical")
+    # Every room is full (3 = max_queue x 3 classes) and the critical room holds one place:
+    # a critical arrival takes the newest default place.
+    assert critical() is None
     assert sheddable() is not None
-    assert isinstance(waiting, shedder.Waiting)
-    waiting.cancel()
+    for waiting in (d1, d2, c1):
+        assert isinstance(waiting, shedder.Waiting)
+        waiting.cancel()
     permit.release()
+
+
+def test_quick_lane_without_a_waiting_room_reads_only_the_slots() -> None:
+    throttler = Throttler(max_concurrency=2, max_queue=0)
+    lanes = [quick_lane(throttler, c) for c in throttler.priorities]
+    assert [lane() for lane in lanes] == [None, None, None]
+    permits = [throttler.acquire(), throttler.acquire(priority="sheddable")]
+    refusals = [lane() for lane in lanes]
+    assert [r.priority for r in refusals if r is not None] == list(throttler.priorities)
+    assert throttler.stats().shed_total["queue_full"] == 3
+    permits.pop().release()
+    assert [lane() for lane in lanes] == [None, None, None]
+    permits.pop().release()
 
 
 @pytest.mark.parametrize(

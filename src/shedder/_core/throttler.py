@@ -823,9 +823,12 @@ class Throttler:
         count = self._quick_counts[rank]
 
         def refuse_full() -> _A | None:
-            waiting = len(room)
             size = queue.size
-            if (waiting < max_queue and size < house) or self._in_flight < self._max_concurrency:
+            # Below max_queue waiters in all, no room can be full: the usual exit, first.
+            if size < max_queue or self._in_flight < self._max_concurrency:
+                return None
+            waiting = len(room)
+            if waiting < max_queue and size < house:
                 return None
             if size > waiting and queue.lowest_rank() > rank:
                 return None  # a lower class waits: it gives up its place (admit decides)
@@ -834,7 +837,16 @@ class Throttler:
                 self._notify("on_shed", "queue_full", 0.0, refusal.priority)
             return answer
 
-        return refuse_full
+        def refuse_busy() -> _A | None:
+            # No room at all (max_queue=0): nobody ever waits, and busy slots are the test.
+            if self._in_flight < self._max_concurrency:
+                return None
+            next(count)
+            if self._listeners:
+                self._notify("on_shed", "queue_full", 0.0, refusal.priority)
+            return answer
+
+        return refuse_full if max_queue else refuse_busy
 
     def try_acquire(
         self, *, priority: str | None = None, flow: Hashable = None, deadline: float | None = None
