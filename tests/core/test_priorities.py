@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 import threading
 import time
@@ -142,6 +143,17 @@ def test_a_young_backlog_is_served_in_arrival_order_across_classes() -> None:
     assert serve_all(holder, waiting) == ["c1", "d1", "s2"]
 
 
+def test_a_young_backlog_under_lifo_serves_the_newest_arrival_whatever_its_class() -> None:
+    clock = Clock()
+    throttler = Throttler(max_concurrency=1, max_queue=4, queue_discipline="lifo", clock=clock)
+    holder = throttler.acquire()
+    waiting = {}
+    for label, priority in [("c1", "critical"), ("s1", "sheddable"), ("d1", None)]:
+        waiting[label] = queue(throttler, priority)
+        clock.advance(0.01)
+    assert serve_all(holder, waiting) == ["d1", "s1", "c1"]
+
+
 def test_class_order_after_zero_serves_the_highest_class_first_at_once() -> None:
     clock = Clock()
     throttler = Throttler(max_concurrency=1, max_queue=4, class_order_after=0, clock=clock)
@@ -177,6 +189,56 @@ def test_the_backlog_outlives_an_instant_s_gap_but_not_a_pause() -> None:
     clock.advance(0.001)
     waiting["c2"] = queue(throttler, "critical")
     assert serve_all(permit, waiting) == ["s2", "c2"]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    order_after=st.sampled_from([0.0, math.inf]),
+    steps=st.lists(
+        st.one_of(
+            st.sampled_from(["critical", "default", "sheddable"]),  # an arrival of a class
+            st.just("release"),
+        ),
+        max_size=40,
+    ),
+)
+def test_grants_follow_arrival_order_or_class_order(order_after: float, steps: list[str]) -> None:
+    """Against a model: with ``class_order_after=inf`` every grant goes to the earliest
+    arrival whatever its class; with 0, to the earliest arrival of the highest class waiting.
+    The clock moves 1 ms a step, so that arrivals never tie."""
+    clock = Clock()
+    throttler = Throttler(
+        max_concurrency=1, max_queue=50, class_order_after=order_after, clock=clock
+    )
+    rank = {name: index for index, name in enumerate(throttler.priorities)}
+    holder: Permit | None = throttler.acquire()
+    model: list[tuple[int, int, Waiting]] = []  # (rank, arrival, decision)
+    for step, action in enumerate(steps):
+        clock.advance(0.001)
+        if action != "release":
+            decision = throttler.admit(priority=action)
+            if isinstance(decision, Permit):  # the slot was free: it runs at once
+                assert holder is None
+                holder = decision
+            else:
+                assert isinstance(decision, Waiting)
+                model.append((rank[action], step, decision))
+            continue
+        if holder is None:
+            continue
+        holder.release()
+        holder = None
+        if model:
+            expected = min(model, key=(lambda m: m[1]) if order_after else (lambda m: m[:2]))
+            model.remove(expected)
+            assert outcome(expected[2]) == "granted"
+            holder = expected[2].wait()
+        assert all(outcome(waiting) is None for _, _, waiting in model)
+    if holder is not None:
+        holder.release()
+    for _, _, waiting in model:
+        waiting.cancel()
+    assert (throttler.in_flight, throttler.queued) == (0, 0)
 
 
 def test_permits_and_events_carry_the_class() -> None:

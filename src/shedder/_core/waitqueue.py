@@ -139,44 +139,52 @@ class WaiterQueue:
         ``hold``: the waiter is given a slot, so its flow keeps the place (see :meth:`hold`;
         call :meth:`unhold` if the grant fails).
         """
-        lines = self._classes
-        if not by_class:
-            lines = [self._first_come(newest_first)]
-        for line in lines:
-            if line.order:
-                # Newest first reads the turns backwards too: with one flow per request (a flow
-                # per client address) it must still serve the latest arrival.
-                flows = line.flows
-                flow, own = next(reversed(flows.items()) if newest_first else iter(flows.items()))
-                waiter, _ = own.popitem(last=newest_first)
-                if own:
-                    flows.move_to_end(flow, last=not newest_first)  # its turn is over
-                else:
-                    del flows[flow]
-                    if not flows:
-                        line.heap.clear()  # every entry is stale
-                del line.order[waiter]
-                self.size -= 1
-                if flow is not None:
-                    if hold:
-                        line.held[flow] = line.held.get(flow, 0) + 1  # same places as before
-                    elif own:
-                        self._mark(line, flow)
-                return waiter
-        raise IndexError("pop from an empty WaiterQueue")
-
-    def _first_come(self, newest_first: bool) -> _ClassLine:
-        """The class whose head (oldest waiter; newest under LIFO) arrived first (last)."""
-        best: _ClassLine | None = None
-        best_since = 0.0
-        for line in self._classes:
-            order = line.order
-            if order:
-                since = next(reversed(order) if newest_first else iter(order)).since
-                if best is None or (since > best_since if newest_first else since < best_since):
-                    best, best_since = line, since
-        if best is None:
+        line = self._highest() if by_class else self._first_come(newest_first)
+        if line is None:
             raise IndexError("pop from an empty WaiterQueue")
+        # Newest first reads the turns backwards too: with one flow per request (a flow per
+        # client address) it must still serve the latest arrival.
+        flows = line.flows
+        flow, own = next(reversed(flows.items()) if newest_first else iter(flows.items()))
+        waiter, _ = own.popitem(last=newest_first)
+        if own:
+            flows.move_to_end(flow, last=not newest_first)  # its turn is over
+        else:
+            del flows[flow]
+            if not flows:
+                line.heap.clear()  # every entry is stale
+        del line.order[waiter]
+        self.size -= 1
+        if flow is not None:
+            if hold:
+                line.held[flow] = line.held.get(flow, 0) + 1  # same places as before
+            elif own:
+                self._mark(line, flow)
+        return waiter
+
+    def _highest(self) -> _ClassLine | None:
+        """The highest class with waiters; None when nobody waits."""
+        for line in self._classes:
+            if line.order:
+                return line
+        return None
+
+    def _first_come(self, newest_first: bool) -> _ClassLine | None:
+        """The class whose head (oldest waiter; newest under LIFO) arrived first (last); None
+        when nobody waits. Heads are read only when two classes or more have waiters."""
+        best: _ClassLine | None = None
+        best_since: float | None = None
+        for line in self._classes:
+            if not line.order:
+                continue
+            if best is None:
+                best = line
+                continue
+            if best_since is None:
+                best_since = _head(best, newest_first).since
+            since = _head(line, newest_first).since
+            if since > best_since if newest_first else since < best_since:
+                best, best_since = line, since
         return best
 
     def hold(self, rank: int, flow: Hashable) -> None:
@@ -253,3 +261,9 @@ class WaiterQueue:
         """The latest arrival of ``flow`` in class ``rank``."""
         own = self._classes[rank].flows.get(flow)
         return next(reversed(own)) if own else None
+
+
+def _head(line: _ClassLine, newest_first: bool) -> QueuedWaiter:
+    """The waiter of ``line`` that arrived first (last, ``newest_first``)."""
+    order = line.order
+    return next(reversed(order)) if newest_first else next(iter(order))
