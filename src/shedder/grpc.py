@@ -220,8 +220,8 @@ class ThrottlingInterceptor(_Admission, grpc.ServerInterceptor):
 
     ``grpc.server(executor, interceptors=[ThrottlingInterceptor(throttler)])``. A queued RPC
     blocks its pool thread in :meth:`Throttler.acquire`, so give the executor at least
-    ``max_concurrency + max_queue`` threads: RPCs beyond the pool wait in the executor, where
-    the throttler cannot see or refuse them.
+    ``max_concurrency + max_queue`` threads (``max_queue`` per priority class the RPCs use):
+    RPCs beyond the pool wait in the executor, where the throttler cannot see or refuse them.
 
     Args:
         throttler: the :class:`shedder.Throttler` that admits the RPCs.

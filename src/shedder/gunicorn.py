@@ -11,7 +11,8 @@ when a connection becomes readable, from the request line and headers it peeks a
 or queues the request in the middleware's throttler and hands it to the pool with that
 decision, or answers the refusal (503 + ``Retry-After``, ``Connection: close``) itself without
 using a thread. So the pool holds at most ``max_concurrency + max_queue`` throttled requests
-(plus the health, metrics and exempt ones, which are never refused here), and the time a
+(``max_queue`` per priority class with a ``priority_header``; plus the health, metrics and
+exempt ones, which are never refused here), and the time a
 request waits for a thread counts against ``queue_timeout``; the app finds it in
 ``environ["shedder.queued_in_server"]`` (seconds). Needs the ``gunicorn`` extra.
 
@@ -217,8 +218,8 @@ class ThreadWorker(_GThreadWorker):  # type: ignore[misc]
     shutdown, ``max_requests``, TLS) is gthread's. Requests whose head cannot be read at once
     (TLS, HTTP/2, a head longer than 8 KiB or still arriving) and apps with a ``classify``
     callable take the normal path: the middleware decides in the thread. Size ``threads`` to
-    at least ``max_concurrency + max_queue`` plus a few for health checks: the worker warns at
-    start-up otherwise.
+    at least ``max_concurrency + max_queue`` (``max_queue`` per priority class when requests
+    are classified) plus a few for health checks: the worker warns at start-up otherwise.
     """
 
     wsgi: WSGIApplication  # gunicorn's loaded app (set by load_wsgi)
@@ -252,7 +253,8 @@ class ThreadWorker(_GThreadWorker):  # type: ignore[misc]
             return
         middleware._publish()  # this worker counts in the instance's health from now on
         middleware._server_admits = True  # it finds our decisions in environ["shedder.admission"]
-        warning = _too_few_threads(middleware.throttler, self.cfg.threads, "gunicorn")
+        classified = not middleware._gate.deferrable
+        warning = _too_few_threads(middleware.throttler, self.cfg.threads, "gunicorn", classified)
         if warning is not None:
             self.log.warning(warning)
         names = middleware._early_header_names

@@ -259,7 +259,11 @@ class LoadSheddingMiddleware:
             self._server_checked = True
             threads = _waitress_threads(environ)
             warning = (
-                None if threads is None else _too_few_threads(self.throttler, threads, "waitress")
+                None
+                if threads is None
+                else _too_few_threads(
+                    self.throttler, threads, "waitress", not self._gate.deferrable
+                )
             )
             if warning is not None:
                 logger.warning(warning)
@@ -378,22 +382,32 @@ class LoadSheddingMiddleware:
         return self._metrics_response(environ.get("HTTP_ACCEPT"))
 
 
-def _too_few_threads(throttler: Throttler, threads: int, server: str) -> str | None:
-    """The warning to log if ``threads`` cannot hold ``max_concurrency + max_queue`` requests.
+def _too_few_threads(
+    throttler: Throttler, threads: int, server: str, classified: bool = False
+) -> str | None:
+    """The warning to log if ``threads`` cannot hold every request the throttler may hold:
+    ``max_concurrency + max_queue``, and ``max_queue`` more for each further priority class
+    when requests are ``classified`` (each class has a room of its own).
 
     A WSGI request holds a server thread while it runs and while it waits for a slot, so with
     fewer threads the excess waits inside the server, invisible to the throttler, which then
     never queues or sheds. None when the threads suffice.
     """
-    needed = throttler.max_concurrency + throttler.max_queue
+    rooms = len(throttler.priorities) if classified else 1
+    needed = throttler.max_concurrency + throttler.max_queue * rooms
     if threads >= needed:
         return None
+    held = f"max_concurrency + max_queue = {throttler.max_concurrency} + {throttler.max_queue}"
+    if rooms > 1:
+        held = (
+            f"max_concurrency + max_queue x {rooms} classes"
+            f" = {throttler.max_concurrency} + {throttler.max_queue} x {rooms}"
+        )
     return (
         f"{server} runs {threads} threads but throttler {throttler.name!r} admits"
-        f" max_concurrency + max_queue = {throttler.max_concurrency} + {throttler.max_queue}"
-        f" = {needed} requests: the excess waits inside {server}, where shedder cannot see it,"
-        f" so it sheds late or never. Fix: run {server} with threads={needed} or more (and a"
-        " few spare for health checks), or lower max_concurrency and max_queue"
+        f" {held} = {needed} requests: the excess waits inside {server}, where shedder cannot"
+        f" see it, so it sheds late or never. Fix: run {server} with threads={needed} or more"
+        " (and a few spare for health checks), or lower max_concurrency and max_queue"
     )
 
 

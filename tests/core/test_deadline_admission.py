@@ -181,6 +181,30 @@ def test_newest_first_serves_the_arrival_first() -> None:
     assert isinstance(arrive(throttler, deadline=clock.now + 0.001), Waiting)
 
 
+@pytest.mark.parametrize(("order_after", "refused"), [(0.1, False), (0.0, True)])
+def test_newest_first_in_a_burst_counts_no_class_ahead(order_after: float, refused: bool) -> None:
+    clock = Clock()
+    throttler = Throttler(
+        max_concurrency=1,
+        max_queue=60,
+        queue_discipline="lifo",
+        class_order_after=order_after,
+        clock=clock,
+    )
+    holder = saturate(throttler, clock, releases=12)
+    clock.advance(0.05)  # the queue stays empty: the next backlog is a new one
+    critical = queue_up(throttler, 3, priority="critical")
+    decision = arrive(throttler, deadline=clock.now + 0.025)
+    # A young backlog is served newest first whatever the class: it goes next. In class
+    # order the three critical waiters go first, 40 ms for 25: refused at once.
+    assert refused_now(decision) is refused
+    for waiting in critical:
+        waiting.cancel()
+    if isinstance(decision, Waiting):
+        decision.cancel()
+    holder.release()
+
+
 def test_a_refused_arrival_evicts_nobody() -> None:
     clock = Clock()
     # shed_threshold 0.8: with 4 waiters an arrival is at its shed point, (1 + 4) / (1 + 5).

@@ -104,7 +104,7 @@ class Events(ThrottlerListener):
 
 
 def test_higher_class_is_served_first_then_arrival_order() -> None:
-    throttler = Throttler(max_concurrency=1, max_queue=10, clock=Clock())
+    throttler = Throttler(max_concurrency=1, max_queue=10, clock=Clock(), class_order_after=0)
     holder = throttler.acquire()
     waiting = {
         label: queue(throttler, priority)
@@ -152,6 +152,14 @@ def test_a_young_backlog_under_lifo_serves_the_newest_arrival_whatever_its_class
         waiting[label] = queue(throttler, priority)
         clock.advance(0.01)
     assert serve_all(holder, waiting) == ["d1", "s1", "c1"]
+
+
+def test_in_a_burst_arrivals_of_one_instant_go_highest_class_first() -> None:
+    throttler = Throttler(max_concurrency=1, max_queue=4, clock=Clock())  # the clock stands
+    holder = throttler.acquire()
+    waiting = {"s1": queue(throttler, "sheddable"), "c1": queue(throttler, "critical")}
+    waiting["d1"] = queue(throttler)
+    assert serve_all(holder, waiting) == ["c1", "d1", "s1"]
 
 
 def test_class_order_after_zero_serves_the_highest_class_first_at_once() -> None:
@@ -269,6 +277,7 @@ def test_custom_classes_and_default() -> None:
         priorities=("gold", "silver", "bronze"),
         default_priority="bronze",
         clock=Clock(),
+        class_order_after=0,  # the highest class first at once
     )
     assert throttler.priorities == ("gold", "silver", "bronze")
     assert throttler.default_priority == "bronze"
@@ -284,7 +293,7 @@ def test_custom_classes_and_default() -> None:
 
 
 def test_each_class_waits_in_a_room_of_its_own() -> None:
-    throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock())
+    throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock(), class_order_after=0)
     events = Events()
     throttler.add_listener(events)
     holder = throttler.acquire()
@@ -330,7 +339,9 @@ def test_a_critical_arrival_is_refused_when_its_room_is_full() -> None:
 
 
 def test_lifo_full_room_refuses_its_oldest_of_the_same_class() -> None:
-    throttler = Throttler(max_concurrency=1, max_queue=3, queue_discipline="lifo", clock=Clock())
+    throttler = Throttler(
+        max_concurrency=1, max_queue=3, queue_discipline="lifo", clock=Clock(), class_order_after=0
+    )
     holder = throttler.acquire()
     d1, d2, d3 = queue(throttler), queue(throttler), queue(throttler)
     c1 = queue(throttler, "critical")  # a room of its own: nobody goes
@@ -395,7 +406,11 @@ def test_every_class_shares_the_shed_point_by_default() -> None:
 
 def test_a_lower_shed_point_refuses_sheddable_at_three_quarters() -> None:
     throttler = Throttler(
-        max_concurrency=2, max_queue=2, shed_thresholds={"sheddable": 0.75}, clock=Clock()
+        max_concurrency=2,
+        max_queue=2,
+        shed_thresholds={"sheddable": 0.75},
+        clock=Clock(),
+        class_order_after=0,  # the highest class first at once
     )
     assert {p: throttler.shed_threshold_of(p) for p in throttler.priorities} == {
         "critical": 1.0,
@@ -425,6 +440,7 @@ def test_explicit_shed_thresholds() -> None:
         max_queue=9,
         shed_thresholds={"default": 0.5, "sheddable": 0.2},
         clock=Clock(),
+        class_order_after=0,  # the highest class first at once
     )
     assert [throttler.shed_threshold_of(p) for p in throttler.priorities] == [1.0, 0.5, 0.2]
     holder = throttler.acquire()  # load 0.1
@@ -444,7 +460,9 @@ def test_explicit_shed_thresholds() -> None:
 def test_a_higher_class_over_its_shed_point_takes_a_lower_class_place() -> None:
     # shed_threshold 0.8: every class is refused once the house is at 0.8 (its shed point
     # reads every class's waiters).
-    throttler = Throttler(max_concurrency=1, max_queue=4, shed_threshold=0.8, clock=Clock())
+    throttler = Throttler(
+        max_concurrency=1, max_queue=4, shed_threshold=0.8, clock=Clock(), class_order_after=0
+    )
     holder = throttler.acquire()
     s1 = queue(throttler, "sheddable")  # load 0.2
     s2 = queue(throttler, "sheddable")  # load 0.4

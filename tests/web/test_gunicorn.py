@@ -476,3 +476,16 @@ def test_waitress_with_enough_threads_is_quiet(caplog: pytest.LogCaptureFixture)
         thread.join(5)
     # Only the thread-count warning: caplog also hears threads left over from other tests.
     assert not [r for r in caplog.records if r.name == "shedder" and "threads" in r.getMessage()]
+
+
+def test_thread_sizing_counts_a_room_per_class_when_requests_are_classified() -> None:
+    from shedder import Throttler
+    from shedder.wsgi import _too_few_threads
+
+    throttler = Throttler(max_concurrency=4, max_queue=4)
+    assert _too_few_threads(throttler, 8, "gunicorn") is None  # unclassified: one room
+    warning = _too_few_threads(throttler, 8, "gunicorn", classified=True)
+    assert warning is not None
+    assert "max_concurrency + max_queue x 3 classes = 4 + 4 x 3 = 16 requests" in warning
+    assert "threads=16 or more" in warning
+    assert _too_few_threads(throttler, 16, "gunicorn", classified=True) is None

@@ -131,7 +131,9 @@ class ThrottlerStats:
 
     @property
     def load(self) -> float:
-        """``(in_flight + queued) / (max_concurrency + max_queue)``: how full the house is."""
+        """``(in_flight + queued) / (max_concurrency + max_queue)``: how full the slots and one
+        waiting room are. 1 when a room is full; more while several priority classes wait
+        (each has a room of ``max_queue``)."""
         return (self.in_flight + self.queued) / (self.max_concurrency + self.max_queue)
 
     @property
@@ -367,7 +369,8 @@ class Throttler:
         default_priority: the class of a request that names none (default ``"default"``).
         shed_thresholds: per-class ``shed_threshold`` (an unnamed class uses
             ``shed_threshold``), e.g. ``{"sheddable": 0.75}`` to stop queueing sheddable work
-            once the house (every class's waiters) is three quarters full. 1.0 is no shed point:
+            once ``load`` (every class's waiters counted against one room) reaches 0.75, so
+            higher classes' waiters push a lower class past its point. 1.0 is no shed point:
             the class's full room refuses it. By default every class has ``shed_threshold``: a
             lower class is refused first by being served last under overload, not by refusals
             at ordinary load (measured: a 0.75 default refused sheddable work 3x as often at
@@ -770,7 +773,8 @@ class Throttler:
                         if waiter == "thread"
                         else _AsyncWaiter(asyncio.get_running_loop())
                     )
-                    if not queue.size and now - self._emptied_at > self._release_gap:
+                    # Empty before this arrival's evictions, if any (they do not end a backlog).
+                    if not size and now - self._emptied_at > self._release_gap:
                         self._backlog_since = now  # a new backlog, not an instant's gap
                     queue.push(queued, rank, flow, now)
         finally:
@@ -1039,11 +1043,18 @@ class Throttler:
         from now: about ``(ahead + 1) * gap`` away. Counted as ahead are only the waiters
         certainly served first: those of higher classes and (unless the newest is served
         first) the earlier ones of its own flow's line; other flows of its class take turns
-        with it. One first in line is never refused on the estimate. Whoever is let in and
-        still misses its deadline is refused when it passes, as before.
+        with it. Newest first, nobody is ahead in a young backlog (arrival order across
+        classes: see ``class_order_after``). One first in line is never refused on the
+        estimate. Whoever is let in and still misses its deadline is refused when it passes,
+        as before.
         """
         queue = self._queue
-        ahead = 0 if self._discipline.newest_first else queue.flow_count(rank, flow)
+        if self._discipline.newest_first:
+            if now - self._backlog_since < self._class_order_after:
+                return False  # a burst served newest first, whatever the class: it goes next
+            ahead = 0
+        else:
+            ahead = queue.flow_count(rank, flow)
         for higher in range(rank):
             ahead += queue.count(higher)
         return ahead > 0 and now + (ahead + 1) * self._release_gap > deadline

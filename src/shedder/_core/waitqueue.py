@@ -171,7 +171,9 @@ class WaiterQueue:
 
     def _first_come(self, newest_first: bool) -> _ClassLine | None:
         """The class whose head (oldest waiter; newest under LIFO) arrived first (last); None
-        when nobody waits. Heads are read only when two classes or more have waiters."""
+        when nobody waits. Heads are read only when two classes or more have waiters. With
+        flows, the class's waiter served is then the head of the flow whose turn it is, not
+        necessarily that oldest one: arrival order across classes, turns within a class."""
         best: _ClassLine | None = None
         best_since: float | None = None
         for line in self._classes:
