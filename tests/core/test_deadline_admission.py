@@ -22,7 +22,7 @@ from shedder import Overloaded, Permit, Throttler, Waiting
 from shedder._core.throttler import _GAP_WARMUP
 
 from .test_priorities import Clock, Events
-from .test_throttler_stress import Observer, Occupancy, check_end_state
+from .test_throttler_stress import Observer, Occupancy, check_end_state, run_to_end
 
 GAP = 0.01  # the simulated service: one slot freed every 10 ms while all are busy
 
@@ -401,11 +401,7 @@ def test_threads_with_deadlines_lose_no_slot() -> None:
                 pass
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not any(thread.is_alive() for thread in threads)
+    run_to_end(threads, 30)
     assert occupancy.peak <= 2
     check_end_state(throttler, observer, 8 * 40)
     assert throttler._gap_samples >= _GAP_WARMUP  # the pace was learnt and could refuse

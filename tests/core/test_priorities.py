@@ -35,7 +35,7 @@ from shedder import (
 )
 from shedder.asgi import LoadSheddingMiddleware
 
-from .test_throttler_stress import Occupancy
+from .test_throttler_stress import Occupancy, run_to_end
 
 
 class Clock:
@@ -875,10 +875,6 @@ def threads_and_tasks(
 
     workers = [threading.Thread(target=thread_worker, args=(plan,)) for plan in plans[:3]]
     workers.append(threading.Thread(target=loop_thread))
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(30)
-    assert not any(worker.is_alive() for worker in workers)
+    run_to_end(workers, 30)
     assert occupancy.peak <= throttler.max_concurrency
     check_balanced(throttler, tally, attempts)

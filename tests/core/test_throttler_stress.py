@@ -75,6 +75,15 @@ class Occupancy:
             self.current -= 1
 
 
+def run_to_end(threads: list[threading.Thread], timeout: float) -> None:
+    """Start every thread, wait for each (``timeout`` seconds at most), and fail if one hangs."""
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads)
+
+
 def check_end_state(throttler: Throttler, observer: Observer, attempts: int) -> None:
     stats = throttler.stats()
     assert (stats.in_flight, stats.queued) == (0, 0)
@@ -121,11 +130,7 @@ def test_threads_hammering_one_throttler(config: dict[str, Any], seed: int) -> N
                 pass
 
     threads = [threading.Thread(target=worker, args=(plan,)) for plan in plans]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert not any(thread.is_alive() for thread in threads)
+    run_to_end(threads, 30)
     assert occupancy.peak <= throttler.max_concurrency
     check_end_state(throttler, observer, threads_count * attempts_each)
 
@@ -227,11 +232,7 @@ def test_threads_and_tasks_on_two_loops_hammering_one_throttler() -> None:
 
     workers = [threading.Thread(target=thread_worker, args=(i,)) for i in range(4)]
     workers += [threading.Thread(target=loop_thread, args=(i,)) for i in (1, 2)]
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
-    assert not any(worker.is_alive() for worker in workers)
+    run_to_end(workers, 60)
     assert occupancy.peak <= 3
     check_end_state(throttler, observer, 4 * rounds + 2 * 4 * rounds)
     assert observer.cancelled > 0  # the cancellation paths were exercised
@@ -268,10 +269,7 @@ def test_threads_and_tasks_with_an_adaptive_limit() -> None:
 
     workers = [threading.Thread(target=thread_worker, args=(i,)) for i in range(4)]
     workers.append(threading.Thread(target=asyncio.run, args=(tasks(),)))
-    for worker in workers:
-        worker.start()
-    for worker in workers:
-        worker.join(60)
+    run_to_end(workers, 60)
     assert occupancy.peak <= 4
     stats = throttler.stats()
     assert (stats.in_flight, stats.queued) == (0, 0)
