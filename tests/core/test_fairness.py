@@ -352,7 +352,12 @@ def test_places_are_given_back_on_every_way_out() -> None:
 def test_flows_that_leave_the_queue_any_way_leave_no_entry() -> None:
     clock = Clock()
     throttler = Throttler(
-        max_concurrency=1, max_queue=3, queue_timeout=0.0, flow_queue_limit=2, clock=clock
+        max_concurrency=1,
+        max_queue=3,
+        queue_timeout=0.0,
+        flow_queue_limit=2,
+        class_order_after=0,  # never a burst: a full room borrows no idle place
+        clock=clock,
     )
     holder = throttler.acquire()
     cancelled = queue(throttler, flow="cancelled")

@@ -35,6 +35,7 @@ from shedder import (
 )
 from shedder.asgi import LoadSheddingMiddleware
 
+from .test_throttler import quick_lane
 from .test_throttler_stress import Occupancy, run_to_end
 
 
@@ -249,6 +250,79 @@ def test_grants_follow_arrival_order_or_class_order(order_after: float, steps: l
     assert (throttler.in_flight, throttler.queued) == (0, 0)
 
 
+@settings(max_examples=300, deadline=None)
+@given(
+    max_queue=st.integers(0, 2),
+    burst=st.booleans(),
+    steps=st.lists(
+        st.one_of(st.sampled_from(["critical", "default", "sheddable"]), st.just("release")),
+        max_size=40,
+    ),
+)
+def test_who_waits_and_who_is_refused_against_a_model(
+    max_queue: int, burst: bool, steps: list[str]
+) -> None:
+    """Against a model of the rooms: each class that has had to wait brings a room of
+    ``max_queue`` places into the house; an arrival whose room is full borrows an idle place
+    of the house during a burst (``burst``: the backlog never ages), else takes the newest
+    place of the lowest class below it, else is refused; so is one that finds the house full
+    with no lower class waiting. Grants go in arrival order during the burst, by class after.
+    """
+    clock = Clock()
+    throttler = Throttler(
+        max_concurrency=1,
+        max_queue=max_queue,
+        class_order_after=math.inf if burst else 0.0,
+        clock=clock,
+    )
+    rank = {name: index for index, name in enumerate(throttler.priorities)}
+    holder: Permit | None = None
+    model: list[tuple[int, int, Waiting]] = []  # (rank, arrival, decision)
+    in_house: set[int] = set()
+    for step, action in enumerate(steps):
+        clock.advance(0.001)
+        if action == "release":
+            if holder is not None:
+                holder.release()
+                holder = None
+                if model:
+                    first = min(model, key=(lambda m: m[1]) if burst else (lambda m: m[:2]))
+                    model.remove(first)
+                    assert outcome(first[2]) == "granted"
+                    holder = first[2].wait()
+            continue
+        decision = throttler.admit(priority=action)
+        r = rank[action]
+        if holder is None and not model:
+            assert isinstance(decision, Permit)
+            holder = decision
+            continue
+        in_house.add(r)
+        house, size = max_queue * len(in_house), len(model)
+        own = sum(1 for m in model if m[0] == r)
+        if size >= house or (own >= max_queue and not burst):
+            lowest = max((m[0] for m in model), default=-1)
+            if lowest <= r:
+                assert isinstance(decision, Overloaded)
+                assert decision.reason == "queue_full"
+                continue
+            victim = max((m for m in model if m[0] == lowest), key=lambda m: m[1])
+            model.remove(victim)
+            assert outcome(victim[2]) == "queue_full"
+        assert isinstance(decision, Waiting)
+        model.append((r, step, decision))
+        assert all(outcome(m[2]) is None for m in model)
+    assert throttler.queued == len(model)
+    assert throttler.stats().queued_by_priority == {
+        name: sum(1 for m in model if m[0] == index) for name, index in rank.items()
+    }
+    if holder is not None:
+        holder.release()
+    for _, _, waiting in model:
+        waiting.cancel()
+    assert (throttler.in_flight, throttler.queued) == (0, 0)
+
+
 def test_permits_and_events_carry_the_class() -> None:
     clock = Clock()
     throttler = Throttler(max_concurrency=1, max_queue=2, clock=clock)
@@ -326,6 +400,56 @@ def test_each_class_waits_in_a_room_of_its_own() -> None:
     }
     # All arrived at the same instant: class order (ties go to the higher class).
     assert serve_all(holder, waiting) == ["c1", "c2", "c3", "d1", "d2", "d3"]
+
+
+def test_in_a_burst_a_full_room_borrows_an_idle_place_of_the_house() -> None:
+    clock = Clock()
+    throttler = Throttler(max_concurrency=1, max_queue=2, clock=clock)
+    holder = throttler.acquire()
+    waiting = {"s1": queue(throttler, "sheddable"), "s2": queue(throttler, "sheddable")}
+    clock.advance(0.001)
+    waiting["c1"] = queue(throttler, "critical")  # critical's room joins the house: 4 places
+    clock.advance(0.001)
+    # Sheddable's room is full, but the backlog is young (a burst): it borrows critical's
+    # idle place rather than be refused.
+    waiting["s3"] = queue(throttler, "sheddable")
+    assert throttler.stats().queued_by_priority == {"critical": 1, "default": 0, "sheddable": 3}
+    # The house is full and no class is lower: refused.
+    assert refused(throttler, "sheddable").reason == "queue_full"
+    # Critical's room has a place, lent out: a critical arrival takes it back from the newest
+    # sheddable waiter.
+    clock.advance(0.001)
+    waiting["c2"] = queue(throttler, "critical")
+    assert outcome(waiting.pop("s3")) == "queue_full"
+    # The default class has never waited: its room is not in the house, nobody borrows it.
+    assert refused(throttler, "sheddable").reason == "queue_full"
+    assert serve_all(holder, waiting) == ["s1", "s2", "c1", "c2"]  # a burst: arrival order
+
+
+def test_after_the_burst_each_class_keeps_to_its_own_room() -> None:
+    clock = Clock()
+    throttler = Throttler(max_concurrency=1, max_queue=2, clock=clock)
+    lane = quick_lane(throttler, "sheddable")
+    holder = throttler.acquire()
+    waiting = {"c1": queue(throttler, "critical")}
+    waiting |= {"s1": queue(throttler, "sheddable"), "s2": queue(throttler, "sheddable")}
+    assert lane() is None  # sheddable's room is full, but it may borrow: admit decides
+    clock.advance(0.15)  # older than class_order_after: overload, and a room is a room
+    assert lane() is not None
+    assert refused(throttler, "sheddable").reason == "queue_full"
+    assert throttler.stats().shed_by_priority["sheddable"]["queue_full"] == 2
+    assert serve_all(holder, waiting) == ["c1", "s1", "s2"]
+
+
+def test_with_nothing_classified_the_house_is_one_room() -> None:
+    throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock())  # a burst, forever
+    lane = quick_lane(throttler, "default")
+    holder = throttler.acquire()
+    waiting = {"d1": queue(throttler), "d2": queue(throttler)}
+    assert lane() is not None  # no other class has waited: nothing to borrow
+    assert refused(throttler).reason == "queue_full"
+    assert throttler._house == 2
+    assert serve_all(holder, waiting) == ["d1", "d2"]
 
 
 def test_a_critical_arrival_is_refused_when_its_room_is_full() -> None:
@@ -695,7 +819,7 @@ def check_balanced(throttler: Throttler, tally: Tally, attempts: int) -> None:
     assert (stats.in_flight, stats.queued) == (0, 0)
     assert all(n == 0 for n in stats.queued_by_priority.values())
     assert tally.peak_in_flight <= throttler.max_concurrency
-    assert tally.peak_queued <= throttler.max_queue * len(throttler.priorities)  # the house
+    assert tally.peak_queued <= throttler._house <= throttler.max_queue * len(throttler.priorities)
     admitted = sum(tally.admitted.values())
     assert admitted == tally.released == stats.admitted_total
     assert admitted + sum(tally.shed.values()) + tally.cancelled == attempts

@@ -590,7 +590,11 @@ def test_quick_lane_reads_the_class_s_room_and_leaves_room_making_to_admit() -> 
     # Every room is full (3 = max_queue x 3 classes) and the critical room holds one place:
     # a critical arrival takes the newest default place.
     assert critical() is None
-    assert sheddable() is not None
+    # Sheddable's room is empty, the house full: admit decides, and refuses.
+    assert sheddable() is None
+    refusal = throttler.admit(priority="sheddable")
+    assert isinstance(refusal, shedder.Overloaded)
+    assert refusal.reason == "queue_full"
     for waiting in (d1, d2, c1):
         assert isinstance(waiting, shedder.Waiting)
         waiting.cancel()

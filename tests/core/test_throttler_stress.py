@@ -88,7 +88,9 @@ def check_end_state(throttler: Throttler, observer: Observer, attempts: int) -> 
     stats = throttler.stats()
     assert (stats.in_flight, stats.queued) == (0, 0)
     assert observer.peak_in_flight <= throttler.max_concurrency
-    assert observer.peak_queued <= throttler.max_queue * len(throttler.priorities)  # the house
+    assert (
+        observer.peak_queued <= throttler._house <= throttler.max_queue * len(throttler.priorities)
+    )
     assert observer.longest_wait <= throttler.queue_timeout + NOISE
     assert observer.admitted + observer.shed + observer.cancelled == attempts
     assert stats.admitted_total == observer.admitted

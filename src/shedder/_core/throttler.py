@@ -465,8 +465,11 @@ class Throttler:
             self._priorities, self._default_rank, self._shed_threshold, shed_thresholds
         )
         self._class_order_after = check_seconds("class_order_after", class_order_after)
-        # Every class's room: a higher class may take lower places up to it (_admission_locked).
-        self._house = self._max_queue * len(self._priorities)
+        # The rooms of the classes that have had to wait (_in_house): a higher class may take
+        # lower places up to it, and during a burst any class idle places (_admission_locked).
+        # With nothing classified it is the default class's room alone.
+        self._house = 0
+        self._in_house = [False] * len(self._priorities)
         self._flow_queue_limit = (
             max(1, (self._max_queue + 1) // 2)
             if flow_queue_limit is None
@@ -737,11 +740,15 @@ class Throttler:
                     size >= self._max_queue
                     and flow is None
                     and self._plain_fifo
-                    and ((own := queue.count(rank)) >= self._max_queue or size >= self._house)
+                    and (own := queue.count(rank)) >= self._max_queue
                     and (own == size or queue.lowest_rank() <= rank)
+                    and (
+                        size >= self._house or now - self._backlog_since >= self._class_order_after
+                    )
                 ):
                     # The usual refusal under overload, decided without another call: the
-                    # class's room is full and no lower class waits to give up a place.
+                    # class's room is full, no lower class waits to give up a place, and no
+                    # idle place may be borrowed (the house is full, or it is no burst).
                     self._shed[rank]["queue_full"] += 1
                     refusal = (
                         self._fixed_refusals[rank]["queue_full"]
@@ -823,16 +830,22 @@ class Throttler:
             return None
         queue = self._queue
         room = queue.waiters_of(rank)
-        max_queue, house = self._max_queue, self._house
+        max_queue = self._max_queue
         count = self._quick_counts[rank]
+        clock = self._clock
 
         def refuse_full() -> _A | None:
             size = queue.size
             # Below max_queue waiters in all, no room can be full: the usual exit, first.
             if size < max_queue or self._in_flight < self._max_concurrency:
                 return None
+            # A class's room not full: admit decides (it may also bring the room into the
+            # house). Full: refused, unless an idle place may be borrowed (a burst) or a lower
+            # class waits to give up its place.
             waiting = len(room)
-            if waiting < max_queue and size < house:
+            if waiting < max_queue:
+                return None
+            if size < self._house and clock() - self._backlog_since < self._class_order_after:
                 return None
             if size > waiting and queue.lowest_rank() > rank:
                 return None  # a lower class waits: it gives up its place (admit decides)
@@ -949,6 +962,10 @@ class Throttler:
             if discipline.stale_after is not None and queue.size:
                 self._shed_stale_locked(now, discipline.stale_after, evicted)
         reason: ShedReason
+        if not self._in_house[rank]:
+            # Its first wait (or refusal for a full room) brings the class's room into the house.
+            self._in_house[rank] = True
+            self._house += self._max_queue
         size = queue.size
         own = queue.count(rank)  # the class's room (each class has one of max_queue places)
         # Fairness inside the class (fair queuing's longest-queue drop): a flow that would be
@@ -962,11 +979,18 @@ class Throttler:
             fuller = queue.fuller_flow(rank, flow)
         if capped and fuller is None:
             reason = "queue_full"  # this flow's share of the room is full
-        elif own >= self._max_queue or size >= self._house:
-            # The class's room is full (or every room is): the newest waiter of a lower class
-            # gives up its place, so that a higher class is never refused room while a lower
-            # one waits; it may so grow past its room, never past the house. Else a flow below
-            # its share takes the fullest flow's newest place.
+        elif size >= self._house or (
+            own >= self._max_queue and now - self._backlog_since >= self._class_order_after
+        ):
+            # The class's room is full (or every room is), and it may not borrow: the newest
+            # waiter of a lower class gives up its place, so that a higher class is never
+            # refused room while a lower one waits; it may so grow past its room, never past
+            # the house. Else a flow below its share takes the fullest flow's newest place.
+            # (During a burst, a backlog younger than class_order_after, a full room borrows
+            # an idle place of the house instead: the next branches, as if it were its own.
+            # A burst drains within moments, and a place idle in another class's room is a
+            # refusal saved; after it, each class keeps to its room, so that a standing queue
+            # stays as short as one room.)
             victim = None
             lowest = queue.lowest_rank()
             if lowest > rank:
@@ -983,13 +1007,11 @@ class Throttler:
             else:
                 self._evict_locked(victim, "queue_full", evicted)
                 return None, wait_for
-        elif (
-            self._in_flight
-            # A shed point below 1 reads the whole house (every class's waiters, so lower
-            # classes can be refused at a load higher ones never see); at 1 there is none,
-            # and the class's own room decides (its test here is then only the room's).
-            + (own if (threshold := self._thresholds[rank]) >= 1.0 else queue.size)
-        ) / (self._max_concurrency + self._max_queue) >= threshold:
+        elif (threshold := self._thresholds[rank]) < 1.0 and (
+            # A shed point reads the whole house (every class's waiters, so lower classes can
+            # be refused at a load higher ones never see); 1 is none: the room decides.
+            (self._in_flight + size) / (self._max_concurrency + self._max_queue) >= threshold
+        ):
             lowest = queue.lowest_rank()
             if lowest > rank:
                 # Over its shed point, a higher class still goes before a lower one: it takes
