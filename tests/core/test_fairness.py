@@ -50,7 +50,7 @@ def test_flows_of_one_class_are_served_in_turn() -> None:
 
 
 def test_classes_come_before_flows() -> None:
-    throttler = Throttler(max_concurrency=1, max_queue=20, clock=Clock(), class_order_after=0)
+    throttler = Throttler(max_concurrency=1, max_queue=20, clock=Clock(), burst_window=0)
     holder = throttler.acquire()
     waiting = {
         "a-s": queue(throttler, "sheddable", flow="a"),
@@ -107,7 +107,7 @@ def test_newest_first_holds_across_flows_too(discipline: str) -> None:
 
 def test_a_flow_may_hold_at_most_flow_queue_limit_places_per_class() -> None:
     throttler = Throttler(
-        max_concurrency=1, max_queue=10, flow_queue_limit=2, clock=Clock(), class_order_after=0
+        max_concurrency=1, max_queue=10, flow_queue_limit=2, clock=Clock(), burst_window=0
     )
     holder = throttler.acquire()
     waiting = {"a1": queue(throttler, flow="a"), "a2": queue(throttler, flow="a")}
@@ -272,7 +272,7 @@ def test_over_its_shed_point_a_flow_below_its_share_takes_a_place_too() -> None:
 
 
 def test_fairness_is_within_a_class() -> None:
-    throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock(), class_order_after=0)
+    throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock(), burst_window=0)
     holder = throttler.acquire(flow="heavy")
     h1 = queue(throttler, flow="heavy")
     c1 = queue(throttler, "critical", flow="heavy")
@@ -356,7 +356,7 @@ def test_flows_that_leave_the_queue_any_way_leave_no_entry() -> None:
         max_queue=3,
         queue_timeout=0.0,
         flow_queue_limit=2,
-        class_order_after=0,  # never a burst: a full room borrows no idle place
+        burst_window=0,  # never a burst: a full room borrows no idle place
         clock=clock,
     )
     holder = throttler.acquire()

@@ -105,7 +105,7 @@ class Events(ThrottlerListener):
 
 
 def test_higher_class_is_served_first_then_arrival_order() -> None:
-    throttler = Throttler(max_concurrency=1, max_queue=10, clock=Clock(), class_order_after=0)
+    throttler = Throttler(max_concurrency=1, max_queue=10, clock=Clock())
     holder = throttler.acquire()
     waiting = {
         label: queue(throttler, priority)
@@ -125,58 +125,26 @@ def test_higher_class_is_served_first_then_arrival_order() -> None:
     assert stats.admitted_by_priority == {"critical": 2, "default": 3, "sheddable": 2}
 
 
-def test_a_young_backlog_is_served_in_arrival_order_across_classes() -> None:
-    clock = Clock()
-    throttler = Throttler(max_concurrency=1, max_queue=4, clock=clock)
-    assert throttler.class_order_after == 0.1
-    holder = throttler.acquire()
-    waiting = {}
-    for label, priority in [("s1", "sheddable"), ("d1", None), ("c1", "critical")]:
-        waiting[label] = queue(throttler, priority)
-        clock.advance(0.01)
-    # Someone has waited for 30 ms: a burst, served as it came.
-    holder.release()
-    assert outcome(waiting["s1"]) == "granted"
-    holder = waiting.pop("s1").wait()
-    waiting["s2"] = queue(throttler, "sheddable")
-    # 100 ms into the backlog: it is overload, and the highest class goes first.
-    clock.advance(0.08)
-    assert serve_all(holder, waiting) == ["c1", "d1", "s2"]
-
-
-def test_a_young_backlog_under_lifo_serves_the_newest_arrival_whatever_its_class() -> None:
+def test_lifo_serves_the_highest_class_first_then_newest_first() -> None:
     clock = Clock()
     throttler = Throttler(max_concurrency=1, max_queue=4, queue_discipline="lifo", clock=clock)
     holder = throttler.acquire()
     waiting = {}
-    for label, priority in [("c1", "critical"), ("s1", "sheddable"), ("d1", None)]:
+    for label, priority in [
+        ("c1", "critical"),
+        ("s1", "sheddable"),
+        ("d1", None),
+        ("c2", "critical"),
+    ]:
         waiting[label] = queue(throttler, priority)
         clock.advance(0.01)
-    assert serve_all(holder, waiting) == ["d1", "s1", "c1"]
-
-
-def test_in_a_burst_arrivals_of_one_instant_go_highest_class_first() -> None:
-    throttler = Throttler(max_concurrency=1, max_queue=4, clock=Clock())  # the clock stands
-    holder = throttler.acquire()
-    waiting = {"s1": queue(throttler, "sheddable"), "c1": queue(throttler, "critical")}
-    waiting["d1"] = queue(throttler)
-    assert serve_all(holder, waiting) == ["c1", "d1", "s1"]
-
-
-def test_class_order_after_zero_serves_the_highest_class_first_at_once() -> None:
-    clock = Clock()
-    throttler = Throttler(max_concurrency=1, max_queue=4, class_order_after=0, clock=clock)
-    holder = throttler.acquire()
-    waiting = {}
-    for label, priority in [("s1", "sheddable"), ("d1", None), ("c1", "critical")]:
-        waiting[label] = queue(throttler, priority)
-        clock.advance(0.01)
-    assert serve_all(holder, waiting) == ["c1", "d1", "s1"]
+    assert serve_all(holder, waiting) == ["c2", "c1", "d1", "s1"]
 
 
 def test_the_backlog_outlives_an_instant_s_gap_but_not_a_pause() -> None:
     clock = Clock()
-    throttler = Throttler(max_concurrency=1, max_queue=4, clock=clock)
+    throttler = Throttler(max_concurrency=1, max_queue=1, clock=clock)
+    assert throttler.burst_window == 0.1
     permit = throttler.acquire()
     # Services of 10 ms, each handing its slot to the next arrival: the queue empties at every
     # grant, for no time at all, and the pace of releases is 10 ms.
@@ -186,68 +154,18 @@ def test_the_backlog_outlives_an_instant_s_gap_but_not_a_pause() -> None:
         permit.release()
         permit = following.wait()
     assert throttler._release_gap == pytest.approx(0.01)
-    # One backlog of 120 ms: the highest class first.
-    waiting = {"s1": queue(throttler, "sheddable")}
-    clock.advance(0.001)
-    waiting["c1"] = queue(throttler, "critical")
-    assert serve_all(permit, waiting) == ["c1", "s1"]
-    # The queue stayed empty for longer than a release interval: the next backlog is new.
+    # One backlog of 120 ms: overload, where a full room is full (critical's room, in the
+    # house since its one waiter, lends no place).
+    critical = queue(throttler, "critical")
+    critical.cancel()
+    waiting = {"d1": queue(throttler)}
+    assert refused(throttler).reason == "queue_full"
+    assert serve_all(permit, waiting) == ["d1"]
+    # The queue stayed empty for longer than a release interval: the next backlog is a burst.
     clock.advance(0.05)
     permit = throttler.acquire()
-    waiting = {"s2": queue(throttler, "sheddable")}
-    clock.advance(0.001)
-    waiting["c2"] = queue(throttler, "critical")
-    assert serve_all(permit, waiting) == ["s2", "c2"]
-
-
-@settings(max_examples=200, deadline=None)
-@given(
-    order_after=st.sampled_from([0.0, math.inf]),
-    steps=st.lists(
-        st.one_of(
-            st.sampled_from(["critical", "default", "sheddable"]),  # an arrival of a class
-            st.just("release"),
-        ),
-        max_size=40,
-    ),
-)
-def test_grants_follow_arrival_order_or_class_order(order_after: float, steps: list[str]) -> None:
-    """Against a model: with ``class_order_after=inf`` every grant goes to the earliest
-    arrival whatever its class; with 0, to the earliest arrival of the highest class waiting.
-    The clock moves 1 ms a step, so that arrivals never tie."""
-    clock = Clock()
-    throttler = Throttler(
-        max_concurrency=1, max_queue=50, class_order_after=order_after, clock=clock
-    )
-    rank = {name: index for index, name in enumerate(throttler.priorities)}
-    holder: Permit | None = throttler.acquire()
-    model: list[tuple[int, int, Waiting]] = []  # (rank, arrival, decision)
-    for step, action in enumerate(steps):
-        clock.advance(0.001)
-        if action != "release":
-            decision = throttler.admit(priority=action)
-            if isinstance(decision, Permit):  # the slot was free: it runs at once
-                assert holder is None
-                holder = decision
-            else:
-                assert isinstance(decision, Waiting)
-                model.append((rank[action], step, decision))
-            continue
-        if holder is None:
-            continue
-        holder.release()
-        holder = None
-        if model:
-            expected = min(model, key=(lambda m: m[1]) if order_after else (lambda m: m[:2]))
-            model.remove(expected)
-            assert outcome(expected[2]) == "granted"
-            holder = expected[2].wait()
-        assert all(outcome(waiting) is None for _, _, waiting in model)
-    if holder is not None:
-        holder.release()
-    for _, _, waiting in model:
-        waiting.cancel()
-    assert (throttler.in_flight, throttler.queued) == (0, 0)
+    waiting = {"d2": queue(throttler), "d3": queue(throttler)}  # d3 borrows critical's place
+    assert serve_all(permit, waiting) == ["d2", "d3"]
 
 
 @settings(max_examples=300, deadline=None)
@@ -266,13 +184,14 @@ def test_who_waits_and_who_is_refused_against_a_model(
     ``max_queue`` places into the house; an arrival whose room is full borrows an idle place
     of the house during a burst (``burst``: the backlog never ages), else takes the newest
     place of the lowest class below it, else is refused; so is one that finds the house full
-    with no lower class waiting. Grants go in arrival order during the burst, by class after.
+    with no lower class waiting. Grants go to the highest class first, then first come.
+    The clock moves 1 ms a step, so that arrivals never tie.
     """
     clock = Clock()
     throttler = Throttler(
         max_concurrency=1,
         max_queue=max_queue,
-        class_order_after=math.inf if burst else 0.0,
+        burst_window=math.inf if burst else 0.0,
         clock=clock,
     )
     rank = {name: index for index, name in enumerate(throttler.priorities)}
@@ -286,7 +205,7 @@ def test_who_waits_and_who_is_refused_against_a_model(
                 holder.release()
                 holder = None
                 if model:
-                    first = min(model, key=(lambda m: m[1]) if burst else (lambda m: m[:2]))
+                    first = min(model, key=lambda m: m[:2])
                     model.remove(first)
                     assert outcome(first[2]) == "granted"
                     holder = first[2].wait()
@@ -351,7 +270,7 @@ def test_custom_classes_and_default() -> None:
         priorities=("gold", "silver", "bronze"),
         default_priority="bronze",
         clock=Clock(),
-        class_order_after=0,  # the highest class first at once
+        burst_window=0,  # no borrowing: a full room is full
     )
     assert throttler.priorities == ("gold", "silver", "bronze")
     assert throttler.default_priority == "bronze"
@@ -367,7 +286,7 @@ def test_custom_classes_and_default() -> None:
 
 
 def test_each_class_waits_in_a_room_of_its_own() -> None:
-    throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock(), class_order_after=0)
+    throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock(), burst_window=0)
     events = Events()
     throttler.add_listener(events)
     holder = throttler.acquire()
@@ -423,7 +342,7 @@ def test_in_a_burst_a_full_room_borrows_an_idle_place_of_the_house() -> None:
     assert outcome(waiting.pop("s3")) == "queue_full"
     # The default class has never waited: its room is not in the house, nobody borrows it.
     assert refused(throttler, "sheddable").reason == "queue_full"
-    assert serve_all(holder, waiting) == ["s1", "s2", "c1", "c2"]  # a burst: arrival order
+    assert serve_all(holder, waiting) == ["c1", "c2", "s1", "s2"]
 
 
 def test_after_the_burst_each_class_keeps_to_its_own_room() -> None:
@@ -434,7 +353,7 @@ def test_after_the_burst_each_class_keeps_to_its_own_room() -> None:
     waiting = {"c1": queue(throttler, "critical")}
     waiting |= {"s1": queue(throttler, "sheddable"), "s2": queue(throttler, "sheddable")}
     assert lane() is None  # sheddable's room is full, but it may borrow: admit decides
-    clock.advance(0.15)  # older than class_order_after: overload, and a room is a room
+    clock.advance(0.15)  # older than burst_window: overload, and a room is a room
     assert lane() is not None
     assert refused(throttler, "sheddable").reason == "queue_full"
     assert throttler.stats().shed_by_priority["sheddable"]["queue_full"] == 2
@@ -464,7 +383,7 @@ def test_a_critical_arrival_is_refused_when_its_room_is_full() -> None:
 
 def test_lifo_full_room_refuses_its_oldest_of_the_same_class() -> None:
     throttler = Throttler(
-        max_concurrency=1, max_queue=3, queue_discipline="lifo", clock=Clock(), class_order_after=0
+        max_concurrency=1, max_queue=3, queue_discipline="lifo", clock=Clock(), burst_window=0
     )
     holder = throttler.acquire()
     d1, d2, d3 = queue(throttler), queue(throttler), queue(throttler)
@@ -534,7 +453,7 @@ def test_a_lower_shed_point_refuses_sheddable_at_three_quarters() -> None:
         max_queue=2,
         shed_thresholds={"sheddable": 0.75},
         clock=Clock(),
-        class_order_after=0,  # the highest class first at once
+        burst_window=0,  # no borrowing: a full room is full
     )
     assert {p: throttler.shed_threshold_of(p) for p in throttler.priorities} == {
         "critical": 1.0,
@@ -564,7 +483,7 @@ def test_explicit_shed_thresholds() -> None:
         max_queue=9,
         shed_thresholds={"default": 0.5, "sheddable": 0.2},
         clock=Clock(),
-        class_order_after=0,  # the highest class first at once
+        burst_window=0,  # no borrowing: a full room is full
     )
     assert [throttler.shed_threshold_of(p) for p in throttler.priorities] == [1.0, 0.5, 0.2]
     holder = throttler.acquire()  # load 0.1
@@ -585,7 +504,7 @@ def test_a_higher_class_over_its_shed_point_takes_a_lower_class_place() -> None:
     # shed_threshold 0.8: every class is refused once the house is at 0.8 (its shed point
     # reads every class's waiters).
     throttler = Throttler(
-        max_concurrency=1, max_queue=4, shed_threshold=0.8, clock=Clock(), class_order_after=0
+        max_concurrency=1, max_queue=4, shed_threshold=0.8, clock=Clock(), burst_window=0
     )
     holder = throttler.acquire()
     s1 = queue(throttler, "sheddable")  # load 0.2
@@ -617,8 +536,8 @@ def test_a_higher_class_over_its_shed_point_takes_a_lower_class_place() -> None:
         ({"shed_thresholds": {"sheddable": 1.5}}, ValueError, "shed_thresholds['sheddable']"),
         ({"shed_thresholds": [("sheddable", 0.5)]}, TypeError, "shed_thresholds must be"),
         ({"flow_queue_limit": 0}, ValueError, "flow_queue_limit"),
-        ({"class_order_after": -0.1}, ValueError, "class_order_after"),
-        ({"class_order_after": "soon"}, TypeError, "class_order_after"),
+        ({"burst_window": -0.1}, ValueError, "burst_window"),
+        ({"burst_window": "soon"}, TypeError, "burst_window"),
     ],
 )
 def test_bad_class_configuration_names_the_parameter(

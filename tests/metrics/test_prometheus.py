@@ -121,7 +121,6 @@ def test_admitted_and_shed_are_labelled_by_class_never_by_flow(
         queue_timeout=30,
         priorities=("gold", "silver", "bronze"),
         default_priority="silver",
-        class_order_after=0,  # the highest class first at once
         name="classes",
     )
     instrument(throttler, registry=registry, multiprocess=multiprocess)

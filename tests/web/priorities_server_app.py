@@ -48,9 +48,7 @@ def options() -> dict[str, Any]:
 
 
 def throttler(name: str) -> Throttler:
-    # class_order_after=0: the highest class first at once, so that which request a freed
-    # slot goes to does not depend on how long the test took to queue them.
-    return Throttler(MAX_CONCURRENCY, MAX_QUEUE, queue_timeout=10.0, class_order_after=0, name=name)
+    return Throttler(MAX_CONCURRENCY, MAX_QUEUE, queue_timeout=10.0, name=name)
 
 
 def query(raw: bytes | str) -> dict[str, str]:

@@ -329,7 +329,7 @@ class ThrottlerOptions(TypedDict, total=False):
     default_priority: str
     shed_thresholds: Mapping[str, float]
     flow_queue_limit: int | None
-    class_order_after: float
+    burst_window: float
     name: str
     clock: Callable[[], float]
 
@@ -360,12 +360,12 @@ class Throttler:
         codel_target: seconds; the wait allowed while a standing queue is detected.
         codel_interval: seconds the queue must stay non-empty to count as standing.
         priorities: the priority classes, highest first (default: critical, default,
-            sheddable). Each class waits in a room of its own of ``max_queue`` places; an
-            arrival whose room is full takes the newest place of a lower class if one waits
-            (refusing that waiter), up to ``max_queue`` places per class in all; a backlog
-            older than ``class_order_after`` is served highest class first; and each class may
-            have its own shed point (``shed_thresholds``), past which a higher class likewise
-            takes the newest place of a lower one rather than be refused.
+            sheddable). Waiters are served highest class first. Each class waits in a room of
+            its own of ``max_queue`` places; during a burst (see ``burst_window``) an arrival
+            whose room is full borrows an idle place of another class's room, and otherwise
+            takes the newest place of a lower class if one waits (refusing that waiter); each
+            class may have its own shed point (``shed_thresholds``), past which a higher class
+            likewise takes the newest place of a lower one rather than be refused.
         default_priority: the class of a request that names none (default ``"default"``).
         shed_thresholds: per-class ``shed_threshold`` (an unnamed class uses
             ``shed_threshold``), e.g. ``{"sheddable": 0.75}`` to stop queueing sheddable work
@@ -380,11 +380,12 @@ class Throttler:
             flow is never refused a place while another flow of its class with waiters holds
             two or more places (waiters and slots) more than it: that flow's newest waiter is
             refused instead, or, if the room has space, the arrival waits past this limit.
-        class_order_after: seconds (>= 0) a backlog must last before waiters are served
-            highest class first; until then they are served in arrival order across classes.
-            A burst that drains within it delays nobody much, and letting a higher class jump
-            ahead there only keeps lower-class waiters in their room longer, to be refused for
-            it (measured at 0.9x load). 0: always highest class first.
+        burst_window: seconds (>= 0) a backlog may last and still be a burst, during which
+            a class whose room is full may wait in an idle place of the room of another class
+            that has had to wait (a higher class takes it back when it needs it). A burst
+            drains within moments, and the place is a refusal saved (measured at 0.9x load);
+            past it, under overload, each class keeps to its own room, so that a standing
+            queue stays one room long. 0: never borrow.
         name: label for metrics and health reports.
         clock: monotonic clock in seconds (for simulations; waiting always uses real time).
 
@@ -412,7 +413,7 @@ class Throttler:
         default_priority: str = "default",
         shed_thresholds: Mapping[str, float] | None = None,
         flow_queue_limit: int | None = None,
-        class_order_after: float = 0.1,
+        burst_window: float = 0.1,
         name: str = "default",
         clock: Callable[[], float] = monotonic,
     ) -> None:
@@ -464,7 +465,7 @@ class Throttler:
         self._thresholds = _class_thresholds(
             self._priorities, self._default_rank, self._shed_threshold, shed_thresholds
         )
-        self._class_order_after = check_seconds("class_order_after", class_order_after)
+        self._burst_window = check_seconds("burst_window", burst_window)
         # The rooms of the classes that have had to wait (_in_house): a higher class may take
         # lower places up to it, and during a burst any class idle places (_admission_locked).
         # With nothing classified it is the default class's room alone.
@@ -504,7 +505,7 @@ class Throttler:
         self._last_busy_release: float | None = None  # None: a slot went idle since
         # The current backlog: since when someone has waited, bridging gaps shorter than one
         # release interval (a batch of releases empties the queue for an instant under
-        # sustained overload: that is not the backlog ending). See class_order_after.
+        # sustained overload: that is not the backlog ending). See burst_window.
         self._backlog_since = 0.0
         self._emptied_at = -math.inf  # when grants last emptied the queue
         # Permits of a flow -> (class, flow): their slots count among the flow's places (see
@@ -561,8 +562,8 @@ class Throttler:
         return self._queue_timeout
 
     @property
-    def class_order_after(self) -> float:
-        return self._class_order_after
+    def burst_window(self) -> float:
+        return self._burst_window
 
     @property
     def shed_threshold(self) -> float:
@@ -742,9 +743,7 @@ class Throttler:
                     and self._plain_fifo
                     and (own := queue.count(rank)) >= self._max_queue
                     and (own == size or queue.lowest_rank() <= rank)
-                    and (
-                        size >= self._house or now - self._backlog_since >= self._class_order_after
-                    )
+                    and (size >= self._house or now - self._backlog_since >= self._burst_window)
                 ):
                     # The usual refusal under overload, decided without another call: the
                     # class's room is full, no lower class waits to give up a place, and no
@@ -845,7 +844,7 @@ class Throttler:
             waiting = len(room)
             if waiting < max_queue:
                 return None
-            if size < self._house and clock() - self._backlog_since < self._class_order_after:
+            if size < self._house and clock() - self._backlog_since < self._burst_window:
                 return None
             if size > waiting and queue.lowest_rank() > rank:
                 return None  # a lower class waits: it gives up its place (admit decides)
@@ -980,15 +979,15 @@ class Throttler:
         if capped and fuller is None:
             reason = "queue_full"  # this flow's share of the room is full
         elif size >= self._house or (
-            own >= self._max_queue and now - self._backlog_since >= self._class_order_after
+            own >= self._max_queue and now - self._backlog_since >= self._burst_window
         ):
             # The class's room is full (or every room is), and it may not borrow: the newest
             # waiter of a lower class gives up its place, so that a higher class is never
             # refused room while a lower one waits; it may so grow past its room, never past
             # the house. Else a flow below its share takes the fullest flow's newest place.
-            # (During a burst, a backlog younger than class_order_after, a full room borrows
-            # an idle place of the house instead: the next branches, as if it were its own.
-            # A burst drains within moments, and a place idle in another class's room is a
+            # (During a burst, a backlog younger than burst_window, a full room borrows an
+            # idle place of the house instead: the next branches, as if it were its own. A
+            # burst drains within moments, and a place idle in another class's room is a
             # refusal saved; after it, each class keeps to its room, so that a standing queue
             # stays as short as one room.)
             victim = None
@@ -1065,18 +1064,11 @@ class Throttler:
         from now: about ``(ahead + 1) * gap`` away. Counted as ahead are only the waiters
         certainly served first: those of higher classes and (unless the newest is served
         first) the earlier ones of its own flow's line; other flows of its class take turns
-        with it. Newest first, nobody is ahead in a young backlog (arrival order across
-        classes: see ``class_order_after``). One first in line is never refused on the
-        estimate. Whoever is let in and still misses its deadline is refused when it passes,
-        as before.
+        with it. One first in line is never refused on the estimate. Whoever is let in and
+        still misses its deadline is refused when it passes, as before.
         """
         queue = self._queue
-        if self._discipline.newest_first:
-            if now - self._backlog_since < self._class_order_after:
-                return False  # a burst served newest first, whatever the class: it goes next
-            ahead = 0
-        else:
-            ahead = queue.flow_count(rank, flow)
+        ahead = 0 if self._discipline.newest_first else queue.flow_count(rank, flow)
         for higher in range(rank):
             ahead += queue.count(higher)
         return ahead > 0 and now + (ahead + 1) * self._release_gap > deadline
@@ -1220,16 +1212,14 @@ class Throttler:
         return True
 
     def _fill_slots_locked(self, now: float) -> None:
-        """Hand free slots to waiters (``now`` on the throttler's clock): in arrival order
-        across classes while the backlog is younger than ``class_order_after``, highest class
-        first after; flows in turn; per the discipline."""
+        """Hand free slots to waiters (``now`` on the throttler's clock): highest class first,
+        flows in turn, per the discipline."""
         queue = self._queue
         if queue:
-            by_class = now - self._backlog_since >= self._class_order_after
             granted_at = monotonic()
             while queue and self._in_flight < self._max_concurrency:
                 # hold=True: a flow's waiter keeps its place as it takes the slot.
-                waiter: Any = queue.pop_next(self._discipline.newest_first, True, by_class)
+                waiter: Any = queue.pop_next(self._discipline.newest_first, True)
                 waiter.granted_at = granted_at
                 if waiter.wake(_GRANTED):
                     self._in_flight += 1
@@ -1237,7 +1227,7 @@ class Throttler:
                     queue.unhold(waiter.rank, waiter.flow)
             if not queue:
                 # Drained by grants (other removals leave the mark older, so the next backlog
-                # counts as new: arrival order, the side that refuses nobody for it).
+                # counts as new: a burst, the side that refuses nobody for it).
                 self._emptied_at = now
         if self._in_flight < self._max_concurrency:
             self._last_busy_release = None  # a slot is idle: the run ends

@@ -1,9 +1,5 @@
 """The waiting room: waiters ordered by priority class, then by flow in turn, then by arrival.
 
-Across classes the owner chooses, at each grant: the highest class first (``by_class``), or
-the class whose longest-waiting waiter (newest, under LIFO) came first, that is arrival order
-(the throttler serves a short burst so: see ``class_order_after``).
-
 Used under its owner's lock only; every operation is O(1) in the number of waiters (O(classes)
 to find the highest or lowest non-empty class, and there are a handful), but for the places
 of flows, kept in a heap: O(log n). With one class and no flows it is a plain arrival-ordered
@@ -129,17 +125,14 @@ class WaiterQueue:
         self.size -= 1
         return True
 
-    def pop_next(
-        self, newest_first: bool, hold: bool = False, by_class: bool = True
-    ) -> QueuedWaiter:
-        """The next waiter to serve: of the highest class with waiters (``by_class``) or of the
-        class whose oldest waiter arrived first (newest: last), then of the flow whose turn it
-        is, its oldest (newest).
+    def pop_next(self, newest_first: bool, hold: bool = False) -> QueuedWaiter:
+        """The next waiter to serve: of the highest class with waiters, then of the flow whose
+        turn it is, its oldest (newest).
 
         ``hold``: the waiter is given a slot, so its flow keeps the place (see :meth:`hold`;
         call :meth:`unhold` if the grant fails).
         """
-        line = self._highest() if by_class else self._first_come(newest_first)
+        line = self._highest()
         if line is None:
             raise IndexError("pop from an empty WaiterQueue")
         # Newest first reads the turns backwards too: with one flow per request (a flow per
@@ -168,26 +161,6 @@ class WaiterQueue:
             if line.order:
                 return line
         return None
-
-    def _first_come(self, newest_first: bool) -> _ClassLine | None:
-        """The class whose head (oldest waiter; newest under LIFO) arrived first (last); None
-        when nobody waits. Heads are read only when two classes or more have waiters. With
-        flows, the class's waiter served is then the head of the flow whose turn it is, not
-        necessarily that oldest one: arrival order across classes, turns within a class."""
-        best: _ClassLine | None = None
-        best_since: float | None = None
-        for line in self._classes:
-            if not line.order:
-                continue
-            if best is None:
-                best = line
-                continue
-            if best_since is None:
-                best_since = _head(best, newest_first).since
-            since = _head(line, newest_first).since
-            if since > best_since if newest_first else since < best_since:
-                best, best_since = line, since
-        return best
 
     def hold(self, rank: int, flow: Hashable) -> None:
         """A request of ``flow`` (not None) took a slot in class ``rank`` without waiting."""
@@ -263,9 +236,3 @@ class WaiterQueue:
         """The latest arrival of ``flow`` in class ``rank``."""
         own = self._classes[rank].flows.get(flow)
         return next(reversed(own)) if own else None
-
-
-def _head(line: _ClassLine, newest_first: bool) -> QueuedWaiter:
-    """The waiter of ``line`` that arrived first (last, ``newest_first``)."""
-    order = line.order
-    return next(reversed(order)) if newest_first else next(iter(order))
