@@ -206,6 +206,30 @@ def test_a_lowered_limit_hands_no_slot_over_until_under_it() -> None:
         throttler.acquire()
 
 
+def test_over_a_lowered_limit_arrivals_wait_until_the_room_is_full() -> None:
+    class Manual(Limit):
+        def update(self, rtt: float, in_flight: int, dropped: bool) -> int:
+            return self.limit
+
+    limit = Manual(4)
+    throttler = Throttler(limit, max_queue=4)
+    permits = [throttler.acquire() for _ in range(4)]
+    limit.limit = 2
+    permits.pop().release()  # 3 in flight over a limit of 2: no slot to hand on
+    assert (throttler.max_concurrency, throttler.in_flight) == (2, 3)
+    # shed_threshold 1.0 is no shed point: only a full room refuses, however far over the
+    # limit the slots are (load reads 3 + 4 waiters against 2 + 4 places).
+    decisions = [throttler.admit() for _ in range(5)]
+    assert [type(d).__name__ for d in decisions[:4]] == ["Waiting"] * 4
+    assert isinstance(decisions[4], Overloaded)
+    assert decisions[4].reason == "queue_full"
+    for waiting in decisions[:4]:
+        waiting.cancel()  # type: ignore[union-attr]
+    for permit in permits:
+        permit.release()
+    assert (throttler.in_flight, throttler.queued) == (0, 0)
+
+
 # -- convergence on a simulated service: 8 connections, 20 ms each (400 req/s) -----------------
 
 P, S = 8, 0.020

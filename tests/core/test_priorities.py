@@ -371,6 +371,17 @@ def test_with_nothing_classified_the_house_is_one_room() -> None:
     assert serve_all(holder, waiting) == ["d1", "d2"]
 
 
+def test_an_async_arrival_without_a_loop_raises_and_evicts_nobody() -> None:
+    throttler = Throttler(max_concurrency=1, max_queue=1, clock=Clock())
+    holder = throttler.acquire()
+    prefetch = queue(throttler, "sheddable")
+    critical = queue(throttler, "critical")
+    with pytest.raises(RuntimeError, match="no running event loop"):
+        throttler.admit(priority="critical", waiter="async")  # would take prefetch's place
+    assert outcome(prefetch) is None
+    assert serve_all(holder, {"c": critical, "s": prefetch}) == ["c", "s"]
+
+
 def test_a_critical_arrival_is_refused_when_its_room_is_full() -> None:
     throttler = Throttler(max_concurrency=1, max_queue=2, clock=Clock())
     holder = throttler.acquire()

@@ -138,7 +138,8 @@ class ThrottlerStats:
 
     @property
     def overloaded(self) -> bool:
-        """True while ``load >= shed_threshold``: the instance is shedding new arrivals."""
+        """True while ``load >= shed_threshold``: the instance refuses some new arrivals, or is
+        about to; ``/health/load`` then answers 503, for load balancers to send work elsewhere."""
         return self.load >= self.shed_threshold
 
     def as_dict(self) -> dict[str, Any]:
@@ -340,8 +341,8 @@ class Throttler:
     Args:
         max_concurrency: slots: requests that may run at once (int >= 1), or a
             :class:`shedder.limits.Limit` algorithm that learns the limit from latency.
-        max_queue: how many more may wait for a slot (>= 0), in each priority class (see
-            ``priorities``). Defaults to the (initial) limit.
+        max_queue: how many more may wait for a slot (>= 0): the places of each priority
+            class's room (see ``priorities``). Defaults to the (initial) limit.
         queue_timeout: longest wait for a slot, in seconds (>= 0; ``math.inf`` for no limit).
         shed_threshold: refuse at once, with reason ``"overloaded"``, an arrival that would have
             to wait while ``load >= shed_threshold`` (0 < t <= 1; 1.0 sheds only on a full queue
@@ -382,7 +383,8 @@ class Throttler:
             refused instead, or, if the room has space, the arrival waits past this limit.
         burst_window: seconds (>= 0) a backlog may last and still be a burst, during which
             a class whose room is full may wait in an idle place of the room of another class
-            that has had to wait (a higher class takes it back when it needs it). A burst
+            that has found every slot busy before (a higher class takes it back when it needs
+            it; a lower one waits for it to drain). A burst
             drains within moments, and the place is a refusal saved (measured at 0.9x load);
             past it, under overload, each class keeps to its own room, so that a standing
             queue stays one room long. 0: never borrow.
@@ -466,9 +468,9 @@ class Throttler:
             self._priorities, self._default_rank, self._shed_threshold, shed_thresholds
         )
         self._burst_window = check_seconds("burst_window", burst_window)
-        # The rooms of the classes that have had to wait (_in_house): a higher class may take
-        # lower places up to it, and during a burst any class idle places (_admission_locked).
-        # With nothing classified it is the default class's room alone.
+        # The rooms of the classes whose requests have found every slot busy (_in_house): a
+        # higher class may take lower places up to it, and during a burst any class idle
+        # places (_admission_locked). With nothing classified it is the default class's room.
         self._house = 0
         self._in_house = [False] * len(self._priorities)
         self._flow_queue_limit = (
@@ -767,6 +769,8 @@ class Throttler:
                     self._shed[rank]["deadline_exceeded"] += 1
                     refusal = self._refusal_locked("deadline_exceeded", rank)
                 else:
+                    # The loop first: without one this raises before anyone is evicted for it.
+                    loop = None if waiter == "thread" else asyncio.get_running_loop()
                     evicted = []
                     refusal, wait_for = self._admission_locked(now, wait_for, rank, flow, evicted)
                 if refusal is None:
@@ -774,11 +778,7 @@ class Throttler:
                     if deadline is not None and deadline - now < wait_for:
                         wait_for = deadline - now
                         timeout_reason = "deadline_exceeded"
-                    queued: _Waiter = (
-                        _ThreadWaiter()
-                        if waiter == "thread"
-                        else _AsyncWaiter(asyncio.get_running_loop())
-                    )
+                    queued: _Waiter = _ThreadWaiter() if loop is None else _AsyncWaiter(loop)
                     # Empty before this arrival's evictions, if any (they do not end a backlog).
                     if not size and now - self._emptied_at > self._release_gap:
                         self._backlog_since = now  # a new backlog, not an instant's gap
@@ -962,7 +962,7 @@ class Throttler:
                 self._shed_stale_locked(now, discipline.stale_after, evicted)
         reason: ShedReason
         if not self._in_house[rank]:
-            # Its first wait (or refusal for a full room) brings the class's room into the house.
+            # The first time the class finds every slot busy, its room joins the house.
             self._in_house[rank] = True
             self._house += self._max_queue
         size = queue.size
