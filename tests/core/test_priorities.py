@@ -180,7 +180,7 @@ def test_the_backlog_outlives_an_instant_s_gap_but_not_a_pause() -> None:
 def test_who_waits_and_who_is_refused_against_a_model(
     max_queue: int, burst: bool, steps: list[str]
 ) -> None:
-    """Against a model of the rooms: each class that has had to wait brings a room of
+    """Against a model of the rooms: each class that finds the slot busy brings a room of
     ``max_queue`` places into the house; an arrival whose room is full borrows an idle place
     of the house during a burst (``burst``: the backlog never ages), else takes the newest
     place of the lowest class below it, else is refused; so is one that finds the house full

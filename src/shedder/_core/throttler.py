@@ -384,10 +384,10 @@ class Throttler:
         burst_window: seconds (>= 0) a backlog may last and still be a burst, during which
             a class whose room is full may wait in an idle place of the room of another class
             that has found every slot busy before (a higher class takes it back when it needs
-            it; a lower one waits for it to drain). A burst
-            drains within moments, and the place is a refusal saved (measured at 0.9x load);
-            past it, under overload, each class keeps to its own room, so that a standing
-            queue stays one room long. 0: never borrow.
+            it; a lower one waits for it to drain). A burst drains within moments, and the
+            place is a refusal saved (measured at 0.9x load); past it, under overload, each
+            class keeps to its own room, so that a standing queue stays one room long. 0:
+            never borrow.
         name: label for metrics and health reports.
         clock: monotonic clock in seconds (for simulations; waiting always uses real time).
 
@@ -471,6 +471,7 @@ class Throttler:
         # The rooms of the classes whose requests have found every slot busy (_in_house): a
         # higher class may take lower places up to it, and during a burst any class idle
         # places (_admission_locked). With nothing classified it is the default class's room.
+        # Kept as a sum, not derived from _in_house: the quick lane reads it per refusal.
         self._house = 0
         self._in_house = [False] * len(self._priorities)
         self._flow_queue_limit = (
@@ -1219,7 +1220,7 @@ class Throttler:
             granted_at = monotonic()
             while queue and self._in_flight < self._max_concurrency:
                 # hold=True: a flow's waiter keeps its place as it takes the slot.
-                waiter: Any = queue.pop_next(self._discipline.newest_first, True)
+                waiter: Any = queue.pop_next(self._discipline.newest_first, hold=True)
                 waiter.granted_at = granted_at
                 if waiter.wake(_GRANTED):
                     self._in_flight += 1

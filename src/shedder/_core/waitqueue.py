@@ -132,8 +132,10 @@ class WaiterQueue:
         ``hold``: the waiter is given a slot, so its flow keeps the place (see :meth:`hold`;
         call :meth:`unhold` if the grant fails).
         """
-        line = self._highest()
-        if line is None:
+        for line in self._classes:  # the highest class with waiters
+            if line.order:
+                break
+        else:
             raise IndexError("pop from an empty WaiterQueue")
         # Newest first reads the turns backwards too: with one flow per request (a flow per
         # client address) it must still serve the latest arrival.
@@ -154,13 +156,6 @@ class WaiterQueue:
             elif own:
                 self._mark(line, flow)
         return waiter
-
-    def _highest(self) -> _ClassLine | None:
-        """The highest class with waiters; None when nobody waits."""
-        for line in self._classes:
-            if line.order:
-                return line
-        return None
 
     def hold(self, rank: int, flow: Hashable) -> None:
         """A request of ``flow`` (not None) took a slot in class ``rank`` without waiting."""
